@@ -1,0 +1,189 @@
+"""Argument dataclasses. They are the command line (see cli.py) and the `args.json` of every run.
+
+Names and defaults follow ms-swift 3.x so the guide's commands work verbatim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+
+def arg(default, help: str, **kw):
+    """A dataclass field with a one-line help text (shown by --help)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class BaseArguments:
+    """What every command needs: which model, how to talk to it."""
+
+    model: Optional[str] = arg(
+        None,
+        "model: a local Hugging Face folder, a hub id (Qwen/Qwen2.5-7B-Instruct), a .gguf file, "
+        "or an offline alias (qwen2.5-0.5b [default], smollm2-135m)",
+    )
+    model_type: Optional[str] = arg(
+        None, "architecture hint (qwen2_5, llama, ...); read from config.json when not given"
+    )
+    torch_dtype: str = arg(
+        "auto", "compute dtype: auto, float32, bfloat16, float16 (bf16 on a CPU computes in float32)",
+        choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+    )
+    device: str = arg("auto", "auto, cpu, cuda, cuda:N")
+    system: Optional[str] = arg(None, "system prompt (default: the model's own chat template default)")
+    max_length: int = arg(2048, "longest sample in tokens (prompt + answer)")
+    seed: int = arg(42, "random seed: same seed, same data order and same result")
+
+    def validate(self) -> None:
+        if self.max_length < 8:
+            raise UserError(f"--max_length {self.max_length} is too small: use at least 8 tokens")
+
+
+@dataclass
+class SftArguments(BaseArguments):
+    """`tunesmith sft`: train a LoRA adapter."""
+
+    train_type: str = arg("lora", "what to train (lora)", choices=["lora"], aliases=["tuner_type"])
+    dataset: list[str] = arg(
+        [], "training data: files (.json/.jsonl in alpaca, sharegpt or messages form), each may end with #N to sample N records"
+    )
+    val_dataset: list[str] = arg([], "validation data, same forms as --dataset")
+    split_dataset_ratio: float = arg(0.0, "share of --dataset held out for validation (0 = none)")
+    model_name: list[str] = arg([], "the model's new name: one value, or a Chinese and an English value; fills {{NAME}}")
+    model_author: list[str] = arg([], "the model's author: one value, or a Chinese and an English value; fills {{AUTHOR}}")
+    truncation_strategy: str = arg(
+        "delete", "samples longer than --max_length: delete (drop and count) or right/left (truncate)",
+        choices=["delete", "right", "left"],
+    )
+
+    num_train_epochs: float = arg(3.0, "passes over the training data")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    per_device_train_batch_size: int = arg(1, "samples per micro-batch")
+    per_device_eval_batch_size: int = arg(1, "samples per validation batch")
+    gradient_accumulation_steps: Optional[int] = arg(
+        None, "micro-batches per optimizer step (default: enough for 16 samples per step, as ms-swift)"
+    )
+    learning_rate: float = arg(1e-4, "peak learning rate")
+    lr_scheduler_type: str = arg("cosine", "learning-rate schedule", choices=["cosine", "linear", "constant"])
+    warmup_ratio: float = arg(0.0, "share of steps spent warming the learning rate up from 0")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.95, "AdamW beta2")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
+    max_grad_norm: float = arg(1.0, "clip gradients to this norm (0: no clipping)")
+
+    lora_rank: int = arg(8, "LoRA rank r")
+    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = arg(["all-linear"], "layers that get LoRA: all-linear, or module names (q_proj v_proj ...)")
+
+    gradient_checkpointing: Optional[bool] = arg(
+        None, "recompute activations in backward to save memory (default: on for CUDA, off on CPU)"
+    )
+    packing_window: bool = arg(
+        True, "run each accumulation window as one padding-free packed batch (same update, much faster)"
+    )
+    logging_steps: int = arg(5, "log loss, lr and speed every N optimizer steps")
+    eval_steps: Optional[int] = arg(None, "validate every N optimizer steps (default: --save_steps)")
+    save_steps: int = arg(500, "save a checkpoint every N optimizer steps (the last step is always saved)")
+    save_total_limit: Optional[int] = arg(None, "keep only the newest N checkpoints")
+    output_dir: str = arg("output", "where runs go: OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
+    dataloader_num_workers: int = arg(0, "accepted for compatibility; tokenized data is prepared up front")
+    report_to: list[str] = arg([], "accepted for compatibility (logs go to logging.jsonl)")
+
+    def validate(self) -> None:
+        super().validate()
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "lora_rank",
+                    "lora_alpha", "logging_steps", "save_steps"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        for name in ["gradient_accumulation_steps", "eval_steps", "save_total_limit"]:
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UserError(f"--{name} must be a positive number, got {v}")
+        if not (self.num_train_epochs > 0 and math.isfinite(self.num_train_epochs)):
+            raise UserError(f"--num_train_epochs must be positive, got {self.num_train_epochs}")
+        if not (0 < self.learning_rate < 1):
+            raise UserError(f"--learning_rate must be between 0 and 1, got {self.learning_rate}")
+        for name in ["lora_dropout", "warmup_ratio", "split_dataset_ratio"]:
+            v = getattr(self, name)
+            if not (0 <= v < 1):
+                raise UserError(f"--{name} must be in [0, 1), got {v}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise UserError("--max_grad_norm and --weight_decay must not be negative")
+        for name in ["adam_beta1", "adam_beta2"]:
+            if not (0 <= getattr(self, name) < 1):
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ["model_name", "model_author"]:
+            if len(getattr(self, name)) > 2:
+                raise UserError(f"--{name} takes one value, or two (Chinese, English); got {len(getattr(self, name))}")
+        if not self.dataset:
+            raise UserError("no training data: pass --dataset FILE (e.g. --dataset self_cognition.json)")
+        if not self.target_modules:
+            raise UserError("--target_modules needs at least one name, or all-linear")
+
+    def effective_accumulation(self, world_size: int = 1) -> int:
+        """ms-swift's default: enough micro-batches for 16 samples per optimizer step."""
+        if self.gradient_accumulation_steps is not None:
+            return self.gradient_accumulation_steps
+        return max(1, math.ceil(16 / self.per_device_train_batch_size / world_size))
+
+
+@dataclass
+class InferArguments(BaseArguments):
+    """`tunesmith infer`: chat with a base model or a tuned adapter."""
+
+    adapters: list[str] = arg([], "a checkpoint folder from `tunesmith sft` (rebuilds model, template and system prompt from its args.json)")
+    query: list[str] = arg([], "ask these questions, print the answers and exit (repeatable)")
+    stream: bool = arg(True, "print tokens as they are generated")
+    temperature: float = arg(0.0, "sampling temperature (0: greedy)")
+    top_p: float = arg(1.0, "nucleus sampling probability mass")
+    top_k: int = arg(0, "sample among the k most likely tokens (0: all)")
+    repetition_penalty: float = arg(1.0, "penalise repeated tokens (1.0: off)")
+    max_new_tokens: int = arg(2048, "longest answer in tokens")
+    infer_backend: str = arg("pt", "inference engine (pt)", choices=["pt"])
+
+    def validate(self) -> None:
+        super().validate()
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be 0 or more, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+        if len(self.adapters) > 1:
+            raise UserError("--adapters takes one checkpoint folder for infer")
+
+
+def normalize_dtype(name: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+
+
+def save_args(args, path: Path) -> None:
+    data = dataclasses.asdict(args)
+    data["_command"] = type(args).__name__
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_args_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: is this a checkpoint folder written by `tunesmith sft`?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}); the checkpoint cannot be trusted") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged: expected a JSON object")
+    return data

@@ -1,0 +1,128 @@
+"""Run folders and checkpoints, laid out as ms-swift does:
+
+    output_dir/vN-YYYYMMDD-HHMMSS/{args.json, logging.jsonl, images/, checkpoint-N/}
+    checkpoint-N/{adapter_config.json, adapter_model.safetensors, args.json,
+                  optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json}
+
+A checkpoint is written into a hidden temporary folder and renamed into place, so a killed run
+never leaves a half-written checkpoint-N that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def new_run_dir(output_dir: str) -> Path:
+    root = Path(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(root, os.W_OK):
+        raise UserError(f"--output_dir {output_dir}: not writable")
+    versions = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"v(\d+)-", p.name))]
+    n = max(versions, default=-1) + 1
+    while True:  # two runs started in the same second must not share a folder
+        run = root / f"v{n}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            n += 1
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_total_limit: int | None) -> Path:
+    """Write checkpoint-{step} atomically, then drop the oldest beyond save_total_limit."""
+    import torch
+
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        for name, obj in extra_files.items():
+            if name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            else:
+                torch.save(obj, tmp / name)
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {final} ({e.strerror}); earlier checkpoints are intact") from None
+    if save_total_limit:
+        for old in checkpoints(run_dir)[:-save_total_limit]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def check_adapter_dir(path: str) -> Path:
+    """A checkpoint folder that holds a complete adapter, or one clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--adapters {path}: no such folder")
+    if not p.is_dir():
+        raise UserError(f"--adapters {path}: expected a checkpoint folder (…/checkpoint-N), got a file")
+    missing = [f for f in ADAPTER_FILES if not (p / f).is_file()]
+    if missing:
+        raise UserError(f"--adapters {path}: not a complete adapter checkpoint ({', '.join(missing)} missing)")
+    try:
+        cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+        assert isinstance(cfg, dict)
+    except Exception:
+        raise UserError(f"--adapters {path}: adapter_config.json is damaged") from None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(p / "adapter_model.safetensors", "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        raise UserError(f"--adapters {path}: adapter_model.safetensors is damaged or truncated") from None
+    if not keys:
+        raise UserError(f"--adapters {path}: adapter_model.safetensors holds no weights")
+    return p
+
+
+def check_adapter_fits(adapter_dir: Path, model_path: Path) -> None:
+    """Refuse an adapter made for another base model, reading only config and tensor shapes."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(m.weight.shape) for name, m in skeleton.named_modules() if hasattr(m, "weight") and m.weight is not None}
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+        for key in f.keys():
+            m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
+            if not m:
+                continue
+            module, ab = m.group(1), m.group(2)
+            shape = f.get_slice(key).get_shape()
+            if module not in shapes:
+                raise UserError(f"--adapters {adapter_dir}: made for another model ({module} does not exist in {model_path.name})")
+            out_f, in_f = shapes[module][:2]
+            if (ab == "A" and shape[1] != in_f) or (ab == "B" and shape[0] != out_f):
+                raise UserError(f"--adapters {adapter_dir}: made for another model ({module} has shape {out_f}x{in_f} "
+                                f"in {model_path.name}, the adapter expects {'?x' + str(shape[1]) if ab == 'A' else str(shape[0]) + 'x?'})")

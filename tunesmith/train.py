@@ -1,0 +1,395 @@
+"""`tunesmith sft`: the LoRA training recipe, top to bottom.
+
+    run()      check the inputs, build the pieces (data, model, optimizer), then fit()
+    fit()      the loop: for each optimizer step, forward+backward over one accumulation
+               window, clip, step, log, validate, save
+
+The update follows ms-swift/transformers semantics: the loss of one optimizer step is the mean
+over all answer tokens of its accumulation window. With --packing_window (default) the whole
+window runs as one padding-free packed sequence: the same update, far fewer, larger matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from .args import SftArguments, save_args
+from .checkpoint import new_run_dir, save_checkpoint
+from .data import load_datasets, split
+from .errors import UserError
+from .models import load_config, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
+from .template import IGNORE, ChatTemplate, Encoded, encode_dataset
+
+MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarely takes (see run_plan)
+
+
+def run(args: SftArguments) -> int:
+    t_start = time.time()
+    # 1. Everything the user typed is checked before anything heavy is loaded.
+    train_records, report = load_datasets(args.dataset, args.seed, args.model_name, args.model_author)
+    val_records = []
+    if args.val_dataset:
+        val_records, val_report = load_datasets(args.val_dataset, args.seed, args.model_name, args.model_author)
+        report += [f"validation {line}" for line in val_report]
+    if args.split_dataset_ratio > 0:
+        train_records, held_out = split(train_records, args.split_dataset_ratio, args.seed)
+        val_records += held_out
+        report.append(f"held out {len(held_out)} records for validation (--split_dataset_ratio {args.split_dataset_ratio})")
+    for line in report:
+        log(line)
+    if args.eval_steps is not None and not val_records:
+        log("warning: --eval_steps is set but there is no validation data, so nothing will be evaluated; "
+            "add --split_dataset_ratio 0.1 or --val_dataset FILE")
+
+    # 2. Model files and tokenizer (fast), then tokenize: data problems surface before the weights load.
+    resolved = resolve_model(args.model)
+    args.model = resolved.name  # args.json names the exact base, so infer/export find it again
+    load_config(resolved.path)
+    tok = load_tokenizer(resolved.path)
+    template = ChatTemplate(tok, args.system)
+    train_set, stats = encode_dataset(template, train_records, args.max_length, args.truncation_strategy)
+    val_set, _ = encode_dataset(template, val_records, args.max_length, args.truncation_strategy)
+    if stats["too_long"]:
+        what = "dropped" if args.truncation_strategy == "delete" else "truncated"
+        log(f"{stats['too_long']} samples are longer than --max_length {args.max_length} tokens: {what} "
+            "(--truncation_strategy delete|right|left)")
+    if stats["no_loss"]:
+        log(f"{stats['no_loss']} samples have no answer tokens left to train on and were skipped")
+    if not train_set:
+        raise UserError("no training samples left after tokenization (see the lines above)")
+    plan = run_plan(args, len(train_set))
+    for line in plan["messages"]:
+        log(line)
+
+    # 3. Model with LoRA, optimizer, schedule, run folder.
+    torch = _seed_everything(args.seed)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.torch_dtype, device)
+    model = add_lora(load_model(resolved.path, dtype, device), args)
+    use_ckpt = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.startswith("cuda")
+    if use_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
+    run_dir = new_run_dir(args.output_dir)
+    save_args(args, run_dir / "args.json")
+    log(f"run folder: {run_dir}")
+
+    last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, resolved.name)
+    log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
+    print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
+    return 0
+
+
+def run_plan(args: SftArguments, n_samples: int) -> dict:
+    """How many optimizer steps this run makes, and a warning when that is too few to learn from."""
+    accumulation = args.effective_accumulation()
+    batches_per_epoch = math.ceil(n_samples / args.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)  # a short last window still steps
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    per_step = min(n_samples, args.per_device_train_batch_size * accumulation)
+    msgs = [f"{n_samples} training samples, {per_step} per optimizer step "
+            f"(batch {args.per_device_train_batch_size} x accumulation {accumulation}): "
+            f"{steps_per_epoch} step(s) per epoch, {max_steps} optimizer steps in all"]
+    if max_steps < MIN_USEFUL_STEPS:
+        fix = max(1, math.floor(batches_per_epoch * args.num_train_epochs / MIN_USEFUL_STEPS))
+        better = math.ceil(batches_per_epoch / min(fix, accumulation)) * args.num_train_epochs
+        msgs.append(
+            f"warning: {max_steps} optimizer steps are usually too few to teach the model anything at "
+            f"--learning_rate {args.learning_rate:g} (ms-swift's run of the guide with these settings still "
+            f"answered as before). Use --gradient_accumulation_steps {min(fix, accumulation)} ({better:.0f} steps) "
+            "or more --num_train_epochs."
+        )
+    return {"accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "messages": msgs}
+
+
+def add_lora(model, args: SftArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.target_modules
+    target = "all-linear" if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=target, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"--target_modules {' '.join(targets)}: {str(e).splitlines()[0][:200]}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {target}: {trainable / 1e6:.2f}M trainable "
+        f"parameters ({100 * trainable / total:.2f}% of {total / 1e6:.0f}M)")
+    return model
+
+
+def build_optimizer(model, args: SftArguments, max_steps: int):
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+    )
+    warmup = math.ceil(args.warmup_ratio * max_steps)
+
+    def lr_factor(step: int) -> float:  # transformers' schedules: linear warmup, then decay to 0
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        if args.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if args.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    max_steps, accumulation = plan["max_steps"], plan["accumulation"]
+    windows = batch_windows(len(train_set), args.per_device_train_batch_size, accumulation, args.seed)
+    eval_steps = args.eval_steps or args.save_steps
+    log_path = run_dir / "logging.jsonl"
+    history, pending = [], {"loss": [], "tokens": 0, "grad_norm": []}
+    last_ckpt = None
+    t0 = time.time()
+    bar = tqdm(total=max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=os.environ.get("TUNESMITH_NO_PROGRESS") == "1")
+    model.train()
+    for step in range(1, max_steps + 1):
+        epoch, window = next(windows)
+        samples = [train_set[i] for i in window]
+        n_target = sum(s.n_trained for s in samples)
+
+        loss_sum = 0.0
+        for micro in micro_batches(samples, args, device):
+            loss = loss_of(model, micro) / n_target  # mean over the window's answer tokens
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = _clip(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        pending["loss"].append(loss_sum)
+        pending["grad_norm"].append(grad_norm)
+        pending["tokens"] += sum(len(s.input_ids) for s in samples)
+        elapsed = time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        tok_s=f"{pending['tokens'] / max(1e-9, elapsed - pending.get('since', 0)):.0f}")
+
+        if step % args.logging_steps == 0 or step == 1 or step == max_steps:
+            entry = {
+                "loss": round(sum(pending["loss"]) / len(pending["loss"]), 6),
+                "grad_norm": round(sum(pending["grad_norm"]) / len(pending["grad_norm"]), 6),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "epoch": round(step / plan["steps_per_epoch"], 4),
+                "global_step/max_steps": f"{step}/{max_steps}",
+                "percentage": f"{100 * step / max_steps:.2f}%",
+                "elapsed_time": _hms(elapsed),
+                "remaining_time": _hms(elapsed / step * (max_steps - step)),
+                "memory(GiB)": round(_memory_gib(device), 2),
+                "train_speed(s/it)": round(elapsed / step, 4),
+                "tokens/s": round(pending["tokens"] / max(1e-9, elapsed - pending.get("since", 0)), 1),
+            }
+            _append_jsonl(log_path, entry)
+            history.append({"step": step, "loss": entry["loss"]})
+            pending = {"loss": [], "tokens": 0, "grad_norm": [], "since": elapsed}
+
+        if val_set and (step % eval_steps == 0 or step == max_steps):
+            val_loss = evaluate(model, val_set, args, device)
+            _append_jsonl(log_path, {"eval_loss": round(val_loss, 6), "global_step/max_steps": f"{step}/{max_steps}",
+                                     "elapsed_time": _hms(time.time() - t0)})
+            history.append({"step": step, "eval_loss": val_loss})
+            bar.write(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}", file=sys.stderr)
+
+        if step % args.save_steps == 0 or step == max_steps:
+            state = {"global_step": step, "max_steps": max_steps, "epoch": step / plan["steps_per_epoch"],
+                     "log_history": history, "base_model": model_name}
+            extra = {
+                "args.json": {**_args_dict(args), "_command": "SftArguments"},
+                "trainer_state.json": state,
+                "optimizer.pt": optimizer.state_dict(),
+                "scheduler.pt": scheduler.state_dict(),
+                "rng_state.pth": _rng_state(),
+            }
+            last_ckpt = save_checkpoint(run_dir, step, model, extra, args.save_total_limit)
+            bar.write(f"[tunesmith] saved {last_ckpt}", file=sys.stderr)
+    bar.close()
+    runtime = time.time() - t0
+    _append_jsonl(log_path, {"train_runtime": round(runtime, 2), "train_steps": max_steps,
+                             "last_model_checkpoint": str(last_ckpt)})
+    plot_loss(history, run_dir / "images" / "train_loss.png")
+    return {"checkpoint": last_ckpt, "train_runtime": runtime}
+
+
+def batch_windows(n: int, batch_size: int, accumulation: int, seed: int):
+    """Endless (epoch, sample indices) per optimizer step; a fresh seeded shuffle each epoch."""
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(seed + epoch).shuffle(order)
+        per_window = batch_size * accumulation
+        for start in range(0, n, per_window):
+            yield epoch, order[start:start + per_window]
+        epoch += 1
+
+
+def micro_batches(samples: list[Encoded], args: SftArguments, device: str):
+    """The forward passes of one window: packed rows (padding-free) or plain padded micro-batches."""
+    import torch
+
+    if args.packing_window:
+        # Rows of up to max(max_length, batch*max_length) tokens; sequences never attend across
+        # each other because position_ids restart at 0 for every sample.
+        budget = max(args.max_length, args.per_device_train_batch_size * args.max_length)
+        row: list[Encoded] = []
+        for s in samples + [None]:
+            if s is None or (row and sum(len(r.input_ids) for r in row) + len(s.input_ids) > budget):
+                ids = torch.tensor([[t for r in row for t in r.input_ids]], device=device)
+                labels = torch.tensor([[t for r in row for t in _shift(r.labels)]], device=device)
+                pos = torch.tensor([[p for r in row for p in range(len(r.input_ids))]], device=device)
+                yield {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None}
+                row = []
+            if s is not None:
+                row.append(s)
+        return
+    bs = args.per_device_train_batch_size
+    pad = 0
+    for i in range(0, len(samples), bs):
+        group = samples[i:i + bs]
+        width = max(len(s.input_ids) for s in group)
+        ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in group], device=device)
+        labels = torch.tensor([_shift(s.labels) + [IGNORE] * (width - len(s.labels)) for s in group], device=device)
+        mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in group], device=device)
+        yield {"input_ids": ids, "labels": labels, "position_ids": None, "attention_mask": mask}
+
+
+def _shift(labels: list[int]) -> list[int]:
+    """Token t is predicted at position t-1: shift labels left once per sample (never across samples)."""
+    return labels[1:] + [IGNORE]
+
+
+def loss_of(model, batch) -> "torch.Tensor":
+    """Summed cross-entropy over answer tokens. The vocabulary projection runs only where there is
+    loss, which skips most of the largest matmul and never builds the full logits."""
+    import torch
+
+    base = model.get_base_model()
+    out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False)
+    hidden = out.last_hidden_state
+    keep = batch["labels"] != IGNORE
+    logits = base.lm_head(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, batch["labels"][keep], reduction="sum")
+
+
+def evaluate(model, val_set: list[Encoded], args: SftArguments, device: str) -> float:
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val_set), args.per_device_eval_batch_size):
+            group = val_set[i:i + args.per_device_eval_batch_size]
+            for micro in micro_batches(group, args, device):
+                total += loss_of(model, micro).item()
+            count += sum(s.n_trained for s in group)
+    model.train()
+    return total / max(1, count)
+
+
+def _clip(model, max_norm: float) -> float:
+    import torch
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), marker="o", ms=3, label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="s", ms=4, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _seed_everything(seed: int):
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    return torch
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_reserved() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _args_dict(args) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(args)
+
+
+def _append_jsonl(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m}m {s}s" if h else (f"{m}m {s}s" if m else f"{s}s")
