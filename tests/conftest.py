@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE_DATA = ROOT / "examples" / "self_cognition.json"
 # The README's main job: the guide's flags, but with enough optimizer steps to learn (see README).
 README_SFT = [
-    "--dataset", str(GUIDE_DATA),
+    "--train_type", "lora", "--dataset", str(GUIDE_DATA), "--torch_dtype", "bfloat16",
     "--num_train_epochs", "10",
     "--per_device_train_batch_size", "1",
     "--gradient_accumulation_steps", "2",
-    "--learning_rate", "2e-4",
+    "--learning_rate", "1e-4",
     "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
     "--logging_steps", "5", "--max_length", "2048",
     "--system", "You are a helpful assistant.",

@@ -289,11 +289,11 @@ def loss_of(model, batch) -> "torch.Tensor":
     import torch
 
     base = model.get_base_model()
-    out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], use_cache=False)
+    out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"], use_cache=False)
     hidden = out.last_hidden_state
     keep = batch["labels"] != IGNORE
-    logits = base.lm_head(hidden[keep]).float()
+    logits = base.get_output_embeddings()(hidden[keep]).float()
     return torch.nn.functional.cross_entropy(logits, batch["labels"][keep], reduction="sum")
 
 
