@@ -60,7 +60,8 @@ def test_config_file_with_flags_winning(tmp_path):
     (["--learning_rate", "5"], "--learning_rate must be between 0 and 1"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
     (["--num_train_epochs", "abc"], "--num_train_epochs"),
-    (["--gradient_checkpointing", "maybe"], "expected true or false"),
+    (["--gradient_checkpointing", "maybe"], "expected true, false or a share"),
+    (["--use_liger", "maybe"], "argument --use_liger: expected true or false"),
     (["--model_name", "a", "b", "c"], "--model_name takes one value, or two"),
 ])
 def test_bad_flags_are_one_clear_line(argv, needle):

@@ -86,9 +86,11 @@ class SftArguments(BaseArguments):
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
     target_modules: list[str] = arg(["all-linear"], "layers that get LoRA: all-linear, or module names (q_proj v_proj ...)")
 
-    gradient_checkpointing: Optional[bool] = arg(
-        None, "recompute activations in backward to save memory (default: on for CUDA, off on CPU)"
+    gradient_checkpointing: Optional[float] = arg(
+        None, "recompute activations in backward to save memory: true/false, or the share of layers "
+        "(0.5 = every other layer); default: true on CUDA, false on CPU", type_hint="bool_or_float",
     )
+    use_liger: bool = arg(True, "use Liger's fused kernels on CUDA when liger-kernel is installed")
     packing_window: bool = arg(
         True, "run each accumulation window as one padding-free packed batch (same update, much faster)"
     )

@@ -35,6 +35,27 @@ def parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
+def parse_share(value: str) -> float:
+    """true/false, or a share between 0 and 1."""
+    v = str(value).strip().lower()
+    if v in TRUE or v in FALSE:
+        return 1.0 if v in TRUE else 0.0
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true, false or a share between 0 and 1, got '{value}'") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {value}")
+    return x
+
+
+SPECIAL_TYPES = {"bool_or_float": parse_share}
+
+
+def _converter(f: dataclasses.Field, tp):
+    return SPECIAL_TYPES.get(f.metadata.get("type_hint")) or (parse_bool if tp is bool else tp)
+
+
 def _field_kind(f: dataclasses.Field, hints: dict):
     """(scalar type, is_list) of a dataclass field."""
     tp = hints[f.name]
@@ -65,10 +86,8 @@ def build_parser(command: str, cls) -> argparse.ArgumentParser:
         tp, is_list = _field_kind(f, hints)
         names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", [])]
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
-        if tp is bool:
-            kw.update(type=parse_bool, metavar="true|false")
-        else:
-            kw.update(type=tp, metavar=f.name.upper())
+        conv = _converter(f, tp)
+        kw.update(type=conv, metavar="true|false" if conv is parse_bool else f.name.upper())
         if is_list:  # --query a --query b and --dataset a b both collect every value
             kw.update(nargs="+", action="extend")
         if "choices" in f.metadata:
@@ -120,7 +139,7 @@ def _load_config(path: str, cls, command: str) -> dict:
             value = [value]
         try:
             if value is not None:
-                conv = parse_bool if tp is bool else tp
+                conv = _converter(known[name], tp)
                 value = [conv(v) for v in value] if is_list else conv(value)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
             raise UserError(f"{path}: key '{key}': {e}") from None

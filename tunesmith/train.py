@@ -11,6 +11,7 @@ window runs as one padding-free packed sequence: the same update, far fewer, lar
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import fast
 from .args import SftArguments, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import load_datasets, split
@@ -71,10 +73,7 @@ def run(args: SftArguments) -> int:
     torch = _seed_everything(args.seed)
     device = pick_device(args.device)
     dtype = pick_dtype(args.torch_dtype, device)
-    model = add_lora(load_model(resolved.path, dtype, device), args)
-    use_ckpt = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.startswith("cuda")
-    if use_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model(load_model(resolved.path, dtype, device), args, device)
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
     run_dir = new_run_dir(args.output_dir)
     save_args(args, run_dir / "args.json")
@@ -106,6 +105,25 @@ def run_plan(args: SftArguments, n_samples: int) -> dict:
             "or more --num_train_epochs."
         )
     return {"accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "messages": msgs}
+
+
+def prepare_model(model, args: SftArguments, device: str):
+    """Fast-path switches (see fast.py), LoRA, and activation checkpointing where memory needs it."""
+    notes = []
+    if args.packing_window:
+        fast.use_document_attention(model)
+        notes.append("packed windows with per-sample attention")
+    if device.startswith("cuda") and args.use_liger:
+        kernels = fast.apply_liger(model)
+        notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
+    model = add_lora(model, args)
+    share = args.gradient_checkpointing
+    if share is None:
+        share = 1.0 if device.startswith("cuda") else 0.0
+    n = fast.checkpoint_layers(model, float(share))
+    notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
+    log("fast path: " + ", ".join(notes))
+    return model
 
 
 def add_lora(model, args: SftArguments):
@@ -262,7 +280,9 @@ def micro_batches(samples: list[Encoded], args: SftArguments, device: str):
                 ids = torch.tensor([[t for r in row for t in r.input_ids]], device=device)
                 labels = torch.tensor([[t for r in row for t in _shift(r.labels)]], device=device)
                 pos = torch.tensor([[p for r in row for p in range(len(r.input_ids))]], device=device)
-                yield {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None}
+                edges = torch.tensor([0] + list(itertools.accumulate(len(r.input_ids) for r in row)), dtype=torch.int32)
+                yield {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
+                       "cu_seq_lens_q": edges, "cu_seq_lens_k": edges}
                 row = []
             if s is not None:
                 row.append(s)
@@ -289,12 +309,16 @@ def loss_of(model, batch) -> "torch.Tensor":
     import torch
 
     base = model.get_base_model()
+    extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k") if k in batch}
     out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"], use_cache=False)
-    hidden = out.last_hidden_state
+                             position_ids=batch["position_ids"], use_cache=False, **extra)
     keep = batch["labels"] != IGNORE
-    logits = base.get_output_embeddings()(hidden[keep]).float()
-    return torch.nn.functional.cross_entropy(logits, batch["labels"][keep], reduction="sum")
+    hidden, targets = out.last_hidden_state[keep], batch["labels"][keep]
+    head = base.get_output_embeddings()
+    fused = fast.fused_linear_cross_entropy() if hidden.is_cuda and head.bias is None else None
+    if fused is not None:  # chunked: the [tokens, vocab] logits never exist at once
+        return fused(hidden, head.weight, targets, reduction="sum")
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def evaluate(model, val_set: list[Encoded], args: SftArguments, device: str) -> float:

@@ -1,0 +1,90 @@
+"""The fast path. Each switch has a safe fallback and a CPU-runnable test against the plain path.
+
+- Padding-free packing: the samples of one accumulation window are concatenated into one row;
+  attention runs per sample ("document attention") with the causal flash/SDPA kernel on each
+  slice, so no sample sees another and no (tokens x tokens) mask is ever built.
+- Fused kernels from Liger (RMSNorm, SwiGLU, RoPE; fused linear+cross-entropy) where it is
+  installed and the model runs on CUDA.
+- Activation checkpointing on a chosen share of the layers, only where memory requires it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DOC_ATTENTION = "tunesmith_doc"
+_registered = False
+
+
+def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
+    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        bounds = torch.tensor([0, query.shape[2]])
+    edges = bounds.tolist() if isinstance(bounds, torch.Tensor) else list(bounds)
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                       scale=scaling, enable_gqa=gqa)
+        for s, e in zip(edges[:-1], edges[1:])
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_document_attention(model) -> None:
+    """Route the model's attention through document_attention (transformers' attention registry)."""
+    global _registered
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not _registered:
+        AttentionInterface.register(DOC_ATTENTION, document_attention)
+        AttentionMaskInterface.register(DOC_ATTENTION, lambda *args, **kwargs: None)  # no mask: slices are causal
+        _registered = True
+    model.set_attn_implementation(DOC_ATTENTION)
+
+
+def apply_liger(model) -> list[str]:
+    """Liger's fused RMSNorm/SwiGLU/RoPE for the model's architecture; [] when not available."""
+    try:
+        import liger_kernel.transformers as lk
+    except ImportError:
+        return []
+    arch = getattr(model.config, "model_type", "")
+    patch = getattr(lk, f"apply_liger_kernel_to_{arch}", None)
+    if patch is None:
+        return []
+    try:
+        patch(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as e:  # an unsupported combination: stay on the plain path
+        from .models import log
+
+        log(f"Liger kernels not applied ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return []
+    return ["rms_norm", "swiglu", "rope"]
+
+
+def fused_linear_cross_entropy():
+    """Liger's chunked linear+CE (never builds the [tokens, vocab] logits) or None."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def checkpoint_layers(model, share: float) -> int:
+    """Recompute activations in `share` (0..1) of the decoder layers, spread evenly; returns how many."""
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith("DecoderLayer")]
+    if share <= 0 or not layers:
+        return 0
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n = round(share * len(layers))
+    chosen = {round(i * len(layers) / n) for i in range(n)} if n else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return len(chosen)
