@@ -174,19 +174,22 @@ def main():
     ap.add_argument("--long", default="", help="comma list of lengths to probe for ts (hf probes the first half)")
     ap.add_argument("--skip_loss_check", action="store_true")
     ap.add_argument("--skip_guide", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a kernel profile of one hf and one ts step")
     ap.add_argument("--out", default="bench_lora.json")
     a = ap.parse_args()
     import transformers
 
     info = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    import peft
+
+    info["peft"] = peft.__version__
     try:
-        import peft
-        info["peft"] = peft.__version__
-        import liger_kernel  # noqa: F401
+        import liger_kernel.transformers  # noqa: F401
         from importlib.metadata import version
         info["liger_kernel"] = version("liger-kernel")
-    except ImportError:
-        info["liger_kernel"] = None
+    except Exception as e:
+        info["liger_kernel"] = f"unavailable: {type(e).__name__}: {e}"
+    info["varlen_attention"] = fast._VARLEN is not None
     print(json.dumps(info), flush=True)
     t0 = time.time()
     base = build_model(a.layers)
@@ -235,9 +238,27 @@ def main():
         engine.unwrap(base)
         return time.perf_counter() - t
 
+    def profile(name):
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        kind, share = name.split("_")[0], 0.0
+        engine = Engine(base, kind, share)
+        for b in batches[:2]:
+            engine.step(b)
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+            engine.step(batches[2])
+            torch.cuda.synchronize()
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        print(f"--- profile of one {name} step ---\n{table}", flush=True)
+        engine.unwrap(base)
+
     # Phase 1, plain transformers + PEFT (before tunesmith's kernels patch the model's modules).
     for name in [e for e in engines if e.startswith("hf")]:
         measure(name)
+    if a.profile:
+        profile("hf_gc0")
     losses_hf = None if a.skip_loss_check else loss_run("hf")
     guide_hf = None if a.skip_guide else guide_run("hf_gc")
     long_hf = longest(base, "hf_gc", 1.0, [n for n in lengths if n <= 32768], deadline) if lengths else None
@@ -245,6 +266,8 @@ def main():
     # Phase 2, tunesmith.
     for name in [e for e in engines if e.startswith("ts")]:
         measure(name)
+    if a.profile:
+        profile("ts_gc0")
     if losses_hf is not None:
         losses_ts = loss_run("ts")
         rel = [abs(x - y) / abs(y) for x, y in zip(losses_ts, losses_hf)]

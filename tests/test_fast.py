@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AttentionInterface
 
 from tunesmith import fast
 from tunesmith.args import SftArguments
@@ -79,8 +80,14 @@ def test_checkpointing_a_share_of_layers_changes_nothing_but_memory(tiny):
     fast.use_document_attention(m.get_base_model())
     assert fast.checkpoint_layers(m, 0.5) == 2
     m.train()
-    total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
-    total.backward()
+    calls = []
+    AttentionInterface.register(fast.DOC_ATTENTION, lambda *a, **k: calls.append(1) or fast.document_attention(*a, **k))
+    try:
+        total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
+        total.backward()
+    finally:
+        AttentionInterface.register(fast.DOC_ATTENTION, fast.document_attention)
+    assert len(calls) == 3 + 2  # every layer forward, then the two checkpointed layers again in backward
     assert total.item() == pytest.approx(loss_a, rel=1e-5)
     for n, p in m.named_parameters():
         if p.grad is not None:

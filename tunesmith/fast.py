@@ -17,14 +17,52 @@ DOC_ATTENTION = "tunesmith_doc"
 _registered = False
 
 
+def _varlen_kernel():
+    """PyTorch's flash varlen attention (torch >= 2.10, CUDA) and how to ask it for causal + GQA."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)} if "window_size" in params else None
+    if causal is None:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_VARLEN = _varlen_kernel()
+_varlen_failed = False
+
+
 def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
-    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs."""
+    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs.
+    On CUDA one flash varlen kernel does all samples; elsewhere SDPA runs on each sample's slice."""
+    global _varlen_failed
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
-        bounds = torch.tensor([0, query.shape[2]])
+        bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32)
     edges = bounds.tolist() if isinstance(bounds, torch.Tensor) else list(bounds)
     gqa = query.shape[1] != key.shape[1]
+    if query.is_cuda and query.shape[0] == 1 and _VARLEN is not None and not _varlen_failed:
+        varlen_attn, causal, native_gqa = _VARLEN
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
+        if gqa and not native_gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        extra = {"enable_gqa": True} if gqa and native_gqa else {}
+        cu = torch.as_tensor(edges, dtype=torch.int32, device=query.device)
+        longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
+        try:
+            out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal, **extra)
+            return out.unsqueeze(0), None
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # dtype/head size the kernel lacks
+            _varlen_failed = True
+            from .models import log
+
+            log(f"flash varlen attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
     outs = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
                                        scale=scaling, enable_gqa=gqa)
@@ -76,15 +114,32 @@ def fused_linear_cross_entropy():
     return liger_fused_linear_cross_entropy
 
 
+def decoder_layers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
 def checkpoint_layers(model, share: float) -> int:
-    """Recompute activations in `share` (0..1) of the decoder layers, spread evenly; returns how many."""
-    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith("DecoderLayer")]
-    if share <= 0 or not layers:
-        return 0
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute activations in `share` (0..1) of the decoder layers, spread evenly; returns how many.
+    Our own wrapper around torch.utils.checkpoint (non-reentrant, RNG state kept so dropout masks
+    repeat): the same on every transformers version, and no hooks run twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = decoder_layers(model)
     n = round(share * len(layers))
     chosen = {round(i * len(layers) / n) for i in range(n)} if n else set()
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i in chosen
+        plain = layer.__dict__.pop("_tunesmith_plain_forward", None)
+        if plain is not None:  # undo an earlier choice
+            layer.forward = plain
+        if i not in chosen:
+            continue
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, _layer=layer, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        layer._tunesmith_plain_forward = plain
+        layer.forward = forward
     return len(chosen)

@@ -33,6 +33,7 @@ MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarel
 
 def run(args: SftArguments) -> int:
     t_start = time.time()
+    marks = {"launch": _process_start(), "start": t_start}
     # 1. Everything the user typed is checked before anything heavy is loaded.
     train_records, report = load_datasets(args.dataset, args.seed, args.model_name, args.model_author)
     val_records = []
@@ -50,6 +51,7 @@ def run(args: SftArguments) -> int:
             "add --split_dataset_ratio 0.1 or --val_dataset FILE")
 
     # 2. Model files and tokenizer (fast), then tokenize: data problems surface before the weights load.
+    marks["data"] = time.time()
     resolved = resolve_model(args.model)
     args.model = resolved.name  # args.json names the exact base, so infer/export find it again
     load_config(resolved.path)
@@ -65,6 +67,7 @@ def run(args: SftArguments) -> int:
         log(f"{stats['no_loss']} samples have no answer tokens left to train on and were skipped")
     if not train_set:
         raise UserError("no training samples left after tokenization (see the lines above)")
+    marks["tokenized"] = time.time()
     plan = run_plan(args, len(train_set))
     for line in plan["messages"]:
         log(line)
@@ -73,13 +76,16 @@ def run(args: SftArguments) -> int:
     torch = _seed_everything(args.seed)
     device = pick_device(args.device)
     dtype = pick_dtype(args.torch_dtype, device)
-    model = prepare_model(load_model(resolved.path, dtype, device), args, device)
+    model = load_model(resolved.path, dtype, device)
+    marks["loaded"] = time.time()
+    model = prepare_model(model, args, device)
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
     run_dir = new_run_dir(args.output_dir)
     save_args(args, run_dir / "args.json")
     log(f"run folder: {run_dir}")
+    marks["ready"] = time.time()
 
-    last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, resolved.name)
+    last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, resolved.name, marks)
     log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
     print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
     return 0
@@ -172,7 +178,7 @@ def build_optimizer(model, args: SftArguments, max_steps: int):
 # The loop
 
 
-def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name) -> dict:
+def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name, marks=None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -201,6 +207,8 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        if step == 1 and marks:
+            _report_startup(marks, device)
         pending["loss"].append(loss_sum)
         pending["grad_norm"].append(grad_norm)
         pending["tokens"] += sum(len(s.input_ids) for s in samples)
@@ -366,6 +374,28 @@ def plot_loss(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _report_startup(marks: dict, device: str) -> None:
+    """Where the time from the command to the first optimizer step went."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    now = time.time()
+    names = ["launch", "start", "data", "tokenized", "loaded", "ready"]
+    labels = {"start": "python+imports", "data": "data", "tokenized": "model files+tokenize", "loaded": "load weights",
+              "ready": "LoRA+optimizer", "first": "first step"}
+    stamps = [marks[n] for n in names if n in marks] + [now]
+    keys = [n for n in names if n in marks][1:] + ["first"]
+    parts = ", ".join(f"{labels[k]} {b - a:.1f} s" for k, a, b in zip(keys, stamps, stamps[1:]))
+    log(f"first optimizer step {now - marks['launch']:.1f} s after launch ({parts})")
 
 
 def _seed_everything(seed: int):
