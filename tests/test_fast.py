@@ -92,3 +92,17 @@ def test_checkpointing_a_share_of_layers_changes_nothing_but_memory(tiny):
     for n, p in m.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, grads_a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_the_plain_loss():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    plain = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    g_plain = torch.autograd.grad(plain, [hidden, head.weight])
+    chunked = fast.chunked_cross_entropy(hidden, head, targets, chunk=8)
+    g_chunked = torch.autograd.grad(chunked, [hidden, head.weight])
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for a, b in zip(g_plain, g_chunked):
+        torch.testing.assert_close(a, b)

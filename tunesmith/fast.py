@@ -3,8 +3,9 @@
 - Padding-free packing: the samples of one accumulation window are concatenated into one row;
   attention runs per sample ("document attention") with the causal flash/SDPA kernel on each
   slice, so no sample sees another and no (tokens x tokens) mask is ever built.
-- Fused kernels from Liger (RMSNorm, SwiGLU, RoPE; fused linear+cross-entropy) where it is
-  installed and the model runs on CUDA.
+- Fused kernels from Liger (RMSNorm, SwiGLU, RoPE) where it is installed and the model runs on CUDA.
+- Loss only at answer positions, in recomputed chunks: the [tokens, vocab] logits never exist.
+- Mixed precision for the adapter: half-precision matmuls on the activations, float32 master weights.
 - Activation checkpointing on a chosen share of the layers, only where memory requires it.
 """
 
@@ -43,26 +44,25 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
     global _varlen_failed
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
-        bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32)
-    edges = bounds.tolist() if isinstance(bounds, torch.Tensor) else list(bounds)
+        bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
     gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda and query.shape[0] == 1 and _VARLEN is not None and not _varlen_failed:
+    longest = kwargs.get("max_length_q")
+    if query.is_cuda and query.shape[0] == 1 and _VARLEN is not None and not _varlen_failed and longest:
         varlen_attn, causal, native_gqa = _VARLEN
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
         if gqa and not native_gqa:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         extra = {"enable_gqa": True} if gqa and native_gqa else {}
-        cu = torch.as_tensor(edges, dtype=torch.int32, device=query.device)
-        longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
-        try:
-            out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal, **extra)
+        try:  # boundaries already on the device and the longest sample as an int: no host sync
+            out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **causal, **extra)
             return out.unsqueeze(0), None
         except (RuntimeError, TypeError, NotImplementedError) as e:  # dtype/head size the kernel lacks
             _varlen_failed = True
             from .models import log
 
             log(f"flash varlen attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
+    edges = bounds.tolist()
     outs = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
                                        scale=scaling, enable_gqa=gqa)
@@ -85,6 +85,38 @@ def use_document_attention(model) -> None:
     model.set_attn_implementation(DOC_ATTENTION)
 
 
+def mixed_precision(model, dtype, device):
+    """On CUDA with a bf16/fp16 base: autocast, and PEFT's cast of every LoRA input to the adapter's
+    float32 turned off. The adapter keeps float32 master weights; its matmuls run in half precision
+    on the half-precision activations, with no full-size float32 copies of them."""
+    import contextlib
+
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    if not getattr(model, "_tunesmith_no_input_cast", False):
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
+        model._tunesmith_no_input_cast = True
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
+    """sum of CE(head(hidden), targets). Above `chunk` rows the logits are made and dropped one chunk
+    at a time and recomputed in backward: memory for one chunk of logits instead of all of them."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    if hidden.shape[0] <= chunk:
+        return part(hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(part, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+    return total
+
+
 def apply_liger(model) -> list[str]:
     """Liger's fused RMSNorm/SwiGLU/RoPE for the model's architecture; [] when not available."""
     try:
@@ -103,15 +135,6 @@ def apply_liger(model) -> list[str]:
         log(f"Liger kernels not applied ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return []
     return ["rms_norm", "swiglu", "rope"]
-
-
-def fused_linear_cross_entropy():
-    """Liger's chunked linear+CE (never builds the [tokens, vocab] logits) or None."""
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        return None
-    return liger_fused_linear_cross_entropy
 
 
 def decoder_layers(model) -> list:

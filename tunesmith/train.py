@@ -201,7 +201,8 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
         for micro in micro_batches(samples, args, device):
             loss = loss_of(model, micro) / n_target  # mean over the window's answer tokens
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach()
+        loss_sum = float(loss_sum)  # one host sync per optimizer step
         grad_norm = _clip(model, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -275,22 +276,26 @@ def batch_windows(n: int, batch_size: int, accumulation: int, seed: int):
 
 
 def micro_batches(samples: list[Encoded], args: SftArguments, device: str):
-    """The forward passes of one window: packed rows (padding-free) or plain padded micro-batches."""
+    """The forward passes of one window: packed rows (padding-free) or plain padded micro-batches.
+    Everything is built on the CPU and moved once, so the GPU never waits on the host mid-step."""
     import torch
 
     if args.packing_window:
-        # Rows of up to max(max_length, batch*max_length) tokens; sequences never attend across
-        # each other because position_ids restart at 0 for every sample.
+        # Rows of up to max(max_length, batch*max_length) tokens; samples never attend to each other
+        # (per-sample attention from the boundaries in cu_seq_lens; position ids restart per sample).
         budget = max(args.max_length, args.per_device_train_batch_size * args.max_length)
         row: list[Encoded] = []
         for s in samples + [None]:
             if s is None or (row and sum(len(r.input_ids) for r in row) + len(s.input_ids) > budget):
-                ids = torch.tensor([[t for r in row for t in r.input_ids]], device=device)
-                labels = torch.tensor([[t for r in row for t in _shift(r.labels)]], device=device)
-                pos = torch.tensor([[p for r in row for p in range(len(r.input_ids))]], device=device)
-                edges = torch.tensor([0] + list(itertools.accumulate(len(r.input_ids) for r in row)), dtype=torch.int32)
-                yield {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
-                       "cu_seq_lens_q": edges, "cu_seq_lens_k": edges}
+                lengths = [len(r.input_ids) for r in row]
+                batch = {
+                    "input_ids": torch.tensor([[t for r in row for t in r.input_ids]]),
+                    "labels": torch.tensor([[t for r in row for t in _shift(r.labels)]]),
+                    "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
+                    "cu_seq_lens_q": torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32),
+                }
+                batch["cu_seq_lens_k"] = batch["cu_seq_lens_q"]
+                yield _to_device(batch, device, max_length_q=max(lengths), max_length_k=max(lengths), attention_mask=None)
                 row = []
             if s is not None:
                 row.append(s)
@@ -300,10 +305,25 @@ def micro_batches(samples: list[Encoded], args: SftArguments, device: str):
     for i in range(0, len(samples), bs):
         group = samples[i:i + bs]
         width = max(len(s.input_ids) for s in group)
-        ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in group], device=device)
-        labels = torch.tensor([_shift(s.labels) + [IGNORE] * (width - len(s.labels)) for s in group], device=device)
-        mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in group], device=device)
-        yield {"input_ids": ids, "labels": labels, "position_ids": None, "attention_mask": mask}
+        batch = {
+            "input_ids": torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in group]),
+            "labels": torch.tensor([_shift(s.labels) + [IGNORE] * (width - len(s.labels)) for s in group]),
+            "attention_mask": torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in group]),
+        }
+        yield _to_device(batch, device, position_ids=None)
+
+
+def _to_device(batch: dict, device: str, **plain) -> dict:
+    """Tensors to the device (pinned + non-blocking on CUDA), plus where the loss is: the flat
+    positions of answer tokens and their targets, found here so the forward needs no host sync."""
+    import torch
+
+    keep = (batch["labels"].reshape(-1) != IGNORE).nonzero().squeeze(1)
+    batch["loss_positions"], batch["loss_targets"] = keep, batch["labels"].reshape(-1)[keep]
+    cuda = device.startswith("cuda")
+    out = {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)) for k, v in batch.items()}
+    out.update(plain)
+    return out
 
 
 def _shift(labels: list[int]) -> list[int]:
@@ -313,20 +333,15 @@ def _shift(labels: list[int]) -> list[int]:
 
 def loss_of(model, batch) -> "torch.Tensor":
     """Summed cross-entropy over answer tokens. The vocabulary projection runs only where there is
-    loss, which skips most of the largest matmul and never builds the full logits."""
-    import torch
-
+    loss, in chunks that are recomputed in backward, so the [tokens, vocab] logits never exist."""
     base = model.get_base_model()
-    extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k") if k in batch}
-    out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"], use_cache=False, **extra)
-    keep = batch["labels"] != IGNORE
-    hidden, targets = out.last_hidden_state[keep], batch["labels"][keep]
-    head = base.get_output_embeddings()
-    fused = fast.fused_linear_cross_entropy() if hidden.is_cuda and head.bias is None else None
-    if fused is not None:  # chunked: the [tokens, vocab] logits never exist at once
-        return fused(hidden, head.weight, targets, reduction="sum")
-    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in batch}
+    with fast.mixed_precision(model, base.dtype, batch["input_ids"].device):
+        out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], use_cache=False, **extra)
+        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        hidden = hidden.index_select(0, batch["loss_positions"])
+        return fast.chunked_cross_entropy(hidden, base.get_output_embeddings(), batch["loss_targets"])
 
 
 def evaluate(model, val_set: list[Encoded], args: SftArguments, device: str) -> float:
