@@ -144,29 +144,44 @@ def _json(path: Path) -> list[tuple[str, object]]:
     return [(f"{path} record {i}", r) for i, r in enumerate(data, 1)]
 
 
+class _NotUtf8(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """A file's lines decoded one at a time, so a bad byte is found on its own line."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            if i == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _NotUtf8(i) from None
+
+
 def _csv(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        row = 0
-        try:
-            for rec in reader:
-                row += 1
-                where = f"{path} row {row} (line {reader.line_num})"
-                if None in rec or None in rec.values():
-                    raise UserError(f"{where}: has {'more' if None in rec else 'fewer'} cells than the header "
-                                    f"({', '.join(reader.fieldnames)})")
-                for key in JSON_COLUMNS:  # list-valued columns are stored as JSON text in a cell
-                    if rec.get(key, "").lstrip().startswith("["):
-                        try:
-                            rec[key] = json.loads(rec[key])
-                        except json.JSONDecodeError as e:
-                            raise UserError(f"{where}: column '{key}' holds malformed JSON ({e.msg})") from None
-                yield where, rec
-        except UnicodeDecodeError:
-            raise UserError(f"{path} row {row + 1} (after line {reader.line_num}): not UTF-8 text; "
-                            "save the file as UTF-8") from None
-        except csv.Error as e:
-            raise UserError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+    reader = csv.DictReader(_text_lines(path))
+    row = 0
+    try:
+        for rec in reader:
+            row += 1
+            where = f"{path} row {row} (line {reader.line_num})"
+            if None in rec or None in rec.values():
+                raise UserError(f"{where}: has {'more' if None in rec else 'fewer'} cells than the header "
+                                f"({', '.join(reader.fieldnames)})")
+            for key in JSON_COLUMNS:  # list-valued columns are stored as JSON text in a cell
+                if rec.get(key, "").lstrip().startswith("["):
+                    try:
+                        rec[key] = json.loads(rec[key])
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{where}: column '{key}' holds malformed JSON ({e.msg})") from None
+            yield where, rec
+    except _NotUtf8 as e:
+        raise UserError(f"{path} row {row + 1} (line {e.line}): not UTF-8 text; save the file as UTF-8") from None
+    except csv.Error as e:
+        raise UserError(f"{path} row {row + 1} (line {reader.line_num}): malformed CSV ({e})") from None
 
 
 def _parquet_file(path: Path):
@@ -380,7 +395,7 @@ def load_hub(spec: DatasetSpec):
         if name in MS_TO_HF:
             _log(f"{name}: loading its Hugging Face copy {MS_TO_HF[name]} (install `modelscope` to use ModelScope)")
             name = MS_TO_HF[name]
-    online = _reachable("huggingface.co")
+    online = os.environ.get("HF_DATASETS_OFFLINE", "0") in ("0", "") and _reachable("huggingface.co")
     if not online:  # skip the library's slow retries; its cache still answers
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -395,7 +410,7 @@ def load_hub(spec: DatasetSpec):
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         if not online:
             raise UserError(
-                f"--dataset {spec.text}: no dataset hub is reachable from here and '{name}' is not in the local "
+                f"--dataset {spec.text}: no dataset hub is reachable (or HF_DATASETS_OFFLINE is on) and '{name}' is not in the local "
                 f"`datasets` cache ({why}). On a machine with internet run "
                 f"`python -c \"import datasets; datasets.load_dataset('{name}').save_to_disk('{name.split('/')[-1]}')\"`, "
                 f"copy that folder here and pass --dataset {name.split('/')[-1]}{'#' + str(spec.sample) if spec.sample else ''} "
