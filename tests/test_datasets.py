@@ -170,7 +170,10 @@ def tok(default_model):
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
+def home(tmp_path, monkeypatch, default_model):
+    """A fresh tokenized cache; the converted models are shared, not rebuilt."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(default_model.parent)
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
 
@@ -252,3 +255,16 @@ def test_random_and_corrupt_files_never_crash_or_lose_records(tmp_path, records,
         return
     assert len(loaded) == int(report[0].split(": ")[1].split(" records")[0])  # nothing dropped unreported
     assert all(m["role"] in ("system", "user", "assistant", "tool") for r in loaded for m in r["messages"])
+
+
+def test_sft_starts_from_the_cache_that_inspect_filled(tmp_path, home):
+    """End to end: `data inspect` tokenizes and caches; `sft` with the same data settings skips
+    tokenizing and trains (2 steps) with --loss_scale last_round on multi-turn sharegpt data."""
+    path = write_as(tmp_path / "chat.jsonl", [FORMS["sharegpt"]] * 4)
+    data_flags = [path, "self-cognition#4", "--model_name", "Robo", "--model_author", "Lab", "--loss_scale", "last_round"]
+    out = tunesmith("data", "inspect", *data_flags).stdout
+    assert "<|im_start|>assistant\n2<|im_end|>" in out and "<|im_start|>assistant\n[[4<|im_end|>]]" in out
+    proc = tunesmith("sft", "--dataset", *data_flags, "--max_steps", "2", "--output_dir", tmp_path / "out")
+    assert "tokenized data from cache" in proc.stderr and "8 training samples" in proc.stderr
+    args = json.loads((tmp_path / "out").glob("v*/args.json").__next__().read_text())
+    assert args["loss_scale"] == "last_round" and args["dataset"][1] == "self-cognition#4"
