@@ -23,9 +23,9 @@ README_SFT = [
 ]
 
 
-def tunesmith(*args, check=True, input=None, cwd=None, timeout=1800):
+def tunesmith(*args, check=True, input=None, cwd=None, timeout=1800, env_extra=None):
     """Run `python -m tunesmith ARGS`; returns the CompletedProcess (text)."""
-    env = {**os.environ, "TUNESMITH_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TUNESMITH_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "tunesmith", *map(str, args)], capture_output=True, text=True,
                           input=input, cwd=cwd, env=env, timeout=timeout)
     if check and proc.returncode != 0:

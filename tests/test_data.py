@@ -73,8 +73,8 @@ def test_sampling_spec_and_seed(tmp_path):
 @pytest.mark.parametrize("name, text, needle", [
     ("bad.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]', "bad.json:2: malformed JSON"),
     ("bad.jsonl", '{"query": "a", "response": "b"}\n{"query": "c", "response": \n', "bad.jsonl:2: malformed JSON"),
-    ("missing.json", '[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', "missing.json record 1: alpaca record without 'output'"),
-    ("empty_answer.json", '[{"instruction": "a", "output": "  "}]', "record 0: field 'output' is empty"),
+    ("missing.json", '[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', "missing.json record 2: alpaca record without 'output'"),
+    ("empty_answer.json", '[{"instruction": "a", "output": "  "}]', "record 1: field 'output' is empty"),
     ("wrong_type.json", '[{"instruction": "a", "output": 5}]', "field 'output' must be text, got int"),
     ("fields.json", '[{"prompt": "a", "completion": "b"}]', "unknown record form (fields: prompt, completion)"),
     ("empty.json", "   \n", "empty.json: file is empty"),

@@ -49,22 +49,60 @@ class BaseArguments:
 
 
 @dataclass
-class SftArguments(BaseArguments):
-    """`tunesmith sft`: train a LoRA adapter."""
+class DataArguments(BaseArguments):
+    """Which data, and how it becomes tokens: shared by `sft` and `data inspect`."""
 
-    train_type: str = arg("lora", "what to train (lora)", choices=["lora"], aliases=["tuner_type"])
     dataset: list[str] = arg(
-        [], "training data: files (.json/.jsonl in alpaca, sharegpt or messages form), each may end with #N to sample N records"
+        [], "training data: [hf::|ms::]ID_OR_PATH[:SUBSET][#N] — .json/.jsonl/.csv/.parquet files or folders "
+        "(alpaca, sharegpt, messages or query/response), self-cognition (built in), or hub ids; #N samples N records"
     )
     val_dataset: list[str] = arg([], "validation data, same forms as --dataset")
     split_dataset_ratio: float = arg(0.0, "share of --dataset held out for validation (0 = none)")
     model_name: list[str] = arg([], "the model's new name: one value, or a Chinese and an English value; fills {{NAME}}")
     model_author: list[str] = arg([], "the model's author: one value, or a Chinese and an English value; fills {{AUTHOR}}")
+    columns: Optional[str] = arg(
+        None, """rename record fields before reading, as a JSON object: '{"prompt": "instruction", "completion": "output"}'"""
+    )
+    loss_scale: str = arg(
+        "default", "which answers are trained on: default (every assistant turn) or last_round (the last one only)",
+        choices=["default", "last_round"],
+    )
     truncation_strategy: str = arg(
         "delete", "samples longer than --max_length: delete (drop and count) or right/left (truncate)",
         choices=["delete", "right", "left"],
     )
 
+    def validate(self) -> None:
+        super().validate()
+        from .data import parse_columns
+
+        for name in ["model_name", "model_author"]:
+            if len(getattr(self, name)) > 2:
+                raise UserError(f"--{name} takes one value, or two (Chinese, English); got {len(getattr(self, name))}")
+        if not (0 <= self.split_dataset_ratio < 1):
+            raise UserError(f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
+        if not self.dataset:
+            raise UserError("no training data: pass --dataset FILE (e.g. --dataset self_cognition.json)")
+        parse_columns(self.columns)
+
+
+@dataclass
+class InspectArguments(DataArguments):
+    """`tunesmith data inspect DATASET...`: what training would see, before spending GPU time."""
+
+    samples: int = arg(1, "how many rendered samples to show")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.samples < 0:
+            raise UserError(f"--samples must be 0 or more, got {self.samples}")
+
+
+@dataclass
+class SftArguments(DataArguments):
+    """`tunesmith sft`: train a LoRA adapter."""
+
+    train_type: str = arg("lora", "what to train (lora)", choices=["lora"], aliases=["tuner_type"])
     num_train_epochs: float = arg(3.0, "passes over the training data")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
     per_device_train_batch_size: int = arg(1, "samples per micro-batch")
@@ -117,7 +155,7 @@ class SftArguments(BaseArguments):
             raise UserError(f"--num_train_epochs must be positive, got {self.num_train_epochs}")
         if not (0 < self.learning_rate < 1):
             raise UserError(f"--learning_rate must be between 0 and 1, got {self.learning_rate}")
-        for name in ["lora_dropout", "warmup_ratio", "split_dataset_ratio"]:
+        for name in ["lora_dropout", "warmup_ratio"]:
             v = getattr(self, name)
             if not (0 <= v < 1):
                 raise UserError(f"--{name} must be in [0, 1), got {v}")
@@ -126,11 +164,6 @@ class SftArguments(BaseArguments):
         for name in ["adam_beta1", "adam_beta2"]:
             if not (0 <= getattr(self, name) < 1):
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ["model_name", "model_author"]:
-            if len(getattr(self, name)) > 2:
-                raise UserError(f"--{name} takes one value, or two (Chinese, English); got {len(getattr(self, name))}")
-        if not self.dataset:
-            raise UserError("no training data: pass --dataset FILE (e.g. --dataset self_cognition.json)")
         if not self.target_modules:
             raise UserError("--target_modules needs at least one name, or all-linear")
 

@@ -2,6 +2,7 @@
 
     tunesmith sft   [config.yaml] --flag value ...   train a LoRA adapter
     tunesmith infer [config.yaml] --flag value ...   chat with a base model or adapter
+    tunesmith data inspect DATASET... --flag value   what training would see: counts, lengths, loss mask
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .errors import UserError
 COMMANDS = {
     "sft": ("SftArguments", "tunesmith.train", "train a LoRA adapter on your data"),
     "infer": ("InferArguments", "tunesmith.infer", "chat with a base model or a tuned adapter"),
+    "data": ("InspectArguments", "tunesmith.data_inspect",
+             "`data inspect DATASET...`: counts, token lengths and the loss mask, before training"),
 }
 
 TRUE = {"true", "1", "yes", "y", "on"}
@@ -76,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(command: str, cls) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=f"tunesmith {command}", allow_abbrev=False,
+        prog=f"tunesmith {command}" + (" inspect" if command == "data" else ""), allow_abbrev=False,
         description=f"{COMMANDS[command][2]}. Flags follow ms-swift; booleans take true/false. "
         "A YAML/JSON config file may come first; flags win over it.",
     )
@@ -184,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"tunesmith: error: unknown command '{command}'{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    if command == "data":  # one action so far; its positional DATASET... are --dataset values
+        if not rest or rest[0] != "inspect":
+            print("tunesmith data: error: expected `tunesmith data inspect DATASET... [--flags]`", file=sys.stderr)
+            return 2
+        rest = rest[1:]
+        k = next((i for i, t in enumerate(rest) if t.startswith("-")), len(rest))
+        rest = (["--dataset", *rest[:k]] if k else []) + rest[k:]
     try:
         args = parse_args(command, rest)
         import importlib

@@ -67,22 +67,3 @@ class ChatTemplate:
                 labels[k] = ids[k]
         return Encoded(ids, labels)
 
-
-def encode_dataset(template: ChatTemplate, records: list[dict], max_length: int, strategy: str) -> tuple[list[Encoded], dict]:
-    """Tokenize records; handle ones longer than max_length as --truncation_strategy says."""
-    out, stats = [], {"too_long": 0, "truncated": 0, "dropped": 0, "no_loss": 0}
-    for r in records:
-        enc = template.encode(r["messages"])
-        if len(enc.input_ids) > max_length:
-            stats["too_long"] += 1
-            if strategy == "delete":
-                stats["dropped"] += 1
-                continue
-            stats["truncated"] += 1
-            sl = slice(0, max_length) if strategy == "right" else slice(-max_length, None)
-            enc = Encoded(enc.input_ids[sl], enc.labels[sl])
-        if enc.n_trained == 0:
-            stats["no_loss"] += 1
-            continue
-        out.append(enc)
-    return out, stats

@@ -23,10 +23,11 @@ from pathlib import Path
 from . import fast
 from .args import SftArguments, save_args
 from .checkpoint import new_run_dir, save_checkpoint
-from .data import load_datasets, split
+from .data import check_local
 from .errors import UserError
 from .models import load_config, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
-from .template import IGNORE, ChatTemplate, Encoded, encode_dataset
+from .template import IGNORE, ChatTemplate, Encoded
+from .tokenized import prepare
 
 MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarely takes (see run_plan)
 
@@ -34,31 +35,22 @@ MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarel
 def run(args: SftArguments) -> int:
     t_start = time.time()
     marks = {"launch": _process_start(), "start": t_start}
-    # 1. Everything the user typed is checked before anything heavy is loaded.
-    train_records, report = load_datasets(args.dataset, args.seed, args.model_name, args.model_author)
-    val_records = []
-    if args.val_dataset:
-        val_records, val_report = load_datasets(args.val_dataset, args.seed, args.model_name, args.model_author)
-        report += [f"validation {line}" for line in val_report]
-    if args.split_dataset_ratio > 0:
-        train_records, held_out = split(train_records, args.split_dataset_ratio, args.seed)
-        val_records += held_out
-        report.append(f"held out {len(held_out)} records for validation (--split_dataset_ratio {args.split_dataset_ratio})")
-    for line in report:
-        log(line)
-    if args.eval_steps is not None and not val_records:
-        log("warning: --eval_steps is set but there is no validation data, so nothing will be evaluated; "
-            "add --split_dataset_ratio 0.1 or --val_dataset FILE")
-
-    # 2. Model files and tokenizer (fast), then tokenize: data problems surface before the weights load.
+    # 1. Model files and tokenizer (fast), then the data, read and tokenized once and cached on disk:
+    #    data problems surface before the weights load. Missing files are caught first of all.
+    check_local(args.dataset + args.val_dataset)
     marks["data"] = time.time()
     resolved = resolve_model(args.model)
     args.model = resolved.name  # args.json names the exact base, so infer/export find it again
     load_config(resolved.path)
     tok = load_tokenizer(resolved.path)
     template = ChatTemplate(tok, args.system)
-    train_set, stats = encode_dataset(template, train_records, args.max_length, args.truncation_strategy)
-    val_set, _ = encode_dataset(template, val_records, args.max_length, args.truncation_strategy)
+    data = prepare(args, tok, resolved.path)
+    for line in data.report:
+        log(line)
+    train_set, val_set, stats = data.train, data.val, data.stats
+    if args.eval_steps is not None and not len(val_set):
+        log("warning: --eval_steps is set but there is no validation data, so nothing will be evaluated; "
+            "add --split_dataset_ratio 0.1 or --val_dataset FILE")
     if stats["too_long"]:
         what = "dropped" if args.truncation_strategy == "delete" else "truncated"
         log(f"{stats['too_long']} samples are longer than --max_length {args.max_length} tokens: {what} "
@@ -72,7 +64,7 @@ def run(args: SftArguments) -> int:
     for line in plan["messages"]:
         log(line)
 
-    # 3. Model with LoRA, optimizer, schedule, run folder.
+    # 2. Model with LoRA, optimizer, schedule, run folder.
     torch = _seed_everything(args.seed)
     device = pick_device(args.device)
     dtype = pick_dtype(args.torch_dtype, device)
