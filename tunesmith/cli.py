@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         rest = (["--dataset", *rest[:k]] if k else []) + rest[k:]
     try:
         args = parse_args(command, rest)
+        if hasattr(args, "model") and command in ("sft", "infer"):
+            from .models import prefetch
+
+            prefetch(args.model)  # overlaps reading the weights with the imports below
         import importlib
 
         module = importlib.import_module(COMMANDS[command][1])

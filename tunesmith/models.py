@@ -90,6 +90,33 @@ def resolve_model(name: str | None) -> ResolvedModel:
     )
 
 
+def prefetch(name: str | None) -> None:
+    """Start reading a local model's weight files into the page cache in the background, so the
+    disk works while Python imports torch and transformers. Needs (and imports) nothing heavy."""
+    import threading
+
+    name = name or DEFAULT_MODEL
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        alias = ALIASES.get(name.lower(), name.lower())
+        folder = cache_root() / "models" / alias
+        if alias not in DEFAULT_MODELS or not _is_complete(folder):
+            return
+    files = sorted(folder.glob("*.safetensors"))
+
+    def read_all():
+        buf = bytearray(1 << 24)
+        for f in files:
+            try:
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.readinto(buf):
+                        pass
+            except OSError:
+                return
+
+    threading.Thread(target=read_all, name="tunesmith-prefetch", daemon=True).start()
+
+
 def download_from_hub(repo_id: str) -> Path:
     """A hub id through huggingface_hub: its cache first; honours HF_HUB_OFFLINE."""
     from huggingface_hub import snapshot_download

@@ -70,7 +70,7 @@ def run(args: SftArguments) -> int:
     dtype = pick_dtype(args.torch_dtype, device)
     model = load_model(resolved.path, dtype, device)
     marks["loaded"] = time.time()
-    model = prepare_model(model, args, device)
+    model = prepare_model(model, args, device, longest_row=_longest_row(train_set, args, plan["accumulation"]))
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
     run_dir = new_run_dir(args.output_dir)
     save_args(args, run_dir / "args.json")
@@ -105,7 +105,7 @@ def run_plan(args: SftArguments, n_samples: int) -> dict:
     return {"accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "messages": msgs}
 
 
-def prepare_model(model, args: SftArguments, device: str):
+def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None):
     """Fast-path switches (see fast.py), LoRA, and activation checkpointing where memory needs it."""
     notes = []
     if args.packing_window:
@@ -116,12 +116,21 @@ def prepare_model(model, args: SftArguments, device: str):
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
     model = add_lora(model, args)
     share = args.gradient_checkpointing
-    if share is None:
-        share = 1.0 if device.startswith("cuda") else 0.0
+    if share is None:  # only where memory requires it
+        share = fast.plan_checkpointing(model, longest_row, liger=any("Liger" in n for n in notes)) if device.startswith("cuda") else 0.0
     n = fast.checkpoint_layers(model, float(share))
     notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
     log("fast path: " + ", ".join(notes))
     return model
+
+
+def _longest_row(train_set, args: SftArguments, accumulation: int) -> int:
+    """Tokens in the largest forward pass: a packed window (capped at its row budget) or a micro-batch."""
+    lengths = sorted((len(s.input_ids) for s in train_set), reverse=True)
+    if args.packing_window:
+        budget = max(args.max_length, args.per_device_train_batch_size * args.max_length)
+        return min(budget, sum(lengths[: args.per_device_train_batch_size * accumulation]))
+    return args.per_device_train_batch_size * lengths[0]
 
 
 def add_lora(model, args: SftArguments):
