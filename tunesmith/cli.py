@@ -2,6 +2,7 @@
 
     tunesmith sft   [config.yaml] --flag value ...   train a LoRA adapter
     tunesmith infer [config.yaml] --flag value ...   chat with a base model or adapter
+    tunesmith export / deploy / eval ...             merge and GGUF, serve, before/after table
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from .errors import UserError
 COMMANDS = {
     "sft": ("SftArguments", "tunesmith.train", "train a LoRA adapter on your data"),
     "infer": ("InferArguments", "tunesmith.infer", "chat with a base model or a tuned adapter"),
+    "export": ("ExportArguments", "tunesmith.export", "merge an adapter into its base model; write GGUF"),
+    "deploy": ("DeployArguments", "tunesmith.serve", "serve the model over an OpenAI-compatible HTTP API"),
+    "eval": ("EvalArguments", "tunesmith.evaluate", "compare base and tuned answers side by side"),
 }
 
 TRUE = {"true", "1", "yes", "y", "on"}

@@ -22,8 +22,16 @@ from .template import ChatTemplate
 
 
 @dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens reached)
+
+
+@dataclass
 class Chat:
-    """A loaded model ready to answer: the one engine behind infer (and, later, eval and deploy)."""
+    """A loaded model ready to answer: the one engine behind infer, eval and deploy."""
 
     model: object
     tok: object
@@ -32,34 +40,70 @@ class Chat:
     device: str
 
     def answer(self, messages: list[dict], stream_to=None) -> str:
-        import torch
+        on_text = None
+        if stream_to is not None:
+            def on_text(piece):
+                stream_to.write(piece)
+                stream_to.flush()
+        text = self.generate(self.template.encode_prompt(messages), on_text=on_text).text
+        if stream_to is not None:
+            stream_to.write("\n")
+            stream_to.flush()
+        return text
 
-        ids = self.template.encode_prompt(messages)
+    def generate(self, ids: list[int], *, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None,
+                 on_text=None, cancelled=None) -> Generation:
+        """Continue token ids; the knobs default to the command's flags. on_text(piece) receives the answer as it
+        grows; cancelled() returning True stops early (a client that went away)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        temperature = self.args.temperature if temperature is None else temperature
+        top_p = self.args.top_p if top_p is None else top_p
         input_ids = torch.tensor([ids], device=self.device)
-        sampling = self.args.temperature > 0
+        sampling = temperature > 0
         kwargs = dict(
-            max_new_tokens=self.args.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.args.max_new_tokens,
             do_sample=sampling,
             eos_token_id=end_of_turn_ids(self.tok, self.model),
             pad_token_id=self.tok.pad_token_id,
             repetition_penalty=self.args.repetition_penalty,
         )
         if sampling:
-            kwargs.update(temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k or None)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=self.args.top_k or None)
+            if seed is not None:
+                torch.manual_seed(seed)
         else:  # greedy: drop sampling knobs a model's generation_config may carry, so none warns
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        streamer = _Streamer(self.tok, stream_to) if stream_to is not None else None
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tok)
+        if cancelled is not None:
+            class _Cancel(StoppingCriteria):
+                def __call__(self, *a, **k):
+                    return cancelled()
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel()])
+        streamer = _Streamer(self.tok, on_text, stop) if on_text is not None else None
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       streamer=streamer, **kwargs)
-        return self.tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        new = out[0, len(ids):].tolist()
+        ended = bool(new) and new[-1] in kwargs["eos_token_id"]
+        full = self.tok.decode(new, skip_special_tokens=True)
+        text = _cut(full, stop or []).strip()
+        if streamer is not None:
+            streamer.flush(text)
+        finish = "stop" if ended or len(new) < kwargs["max_new_tokens"] or text != full.strip() else "length"
+        return Generation(text, len(ids), len(new), finish)
 
 
 class _Streamer:
-    """Writes text as tokens arrive; decodes the whole answer so far so multi-byte characters stay whole."""
+    """Hands on text as tokens arrive; decodes the whole answer so far so multi-byte characters stay whole.
+    It holds back trailing whitespace and anything that may begin a stop string, so the pieces always add
+    up to exactly the final answer (flush hands on the rest)."""
 
-    def __init__(self, tok, out):
-        self.tok, self.out, self.ids, self.shown, self.first = tok, out, [], 0, True
+    def __init__(self, tok, on_text, stop):
+        self.tok, self.on_text, self.stop, self.ids, self.shown, self.first = tok, on_text, stop or [], [], 0, True
 
     def put(self, value):
         if self.first:  # generate() first hands over the prompt
@@ -69,14 +113,30 @@ class _Streamer:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
-        if len(text) > self.shown:
-            self.out.write(text[self.shown:])
-            self.out.flush()
-            self.shown = len(text)
+        text = _cut(text, self.stop)
+        if self.stop:
+            text = text[: max(0, len(text) - max(map(len, self.stop)) + 1)]
+        self._show(text)
 
     def end(self):
-        self.out.write("\n")
-        self.out.flush()
+        pass
+
+    def flush(self, final: str):
+        self._show(final)
+
+    def _show(self, text: str):
+        text = text.strip()
+        if len(text) > self.shown:
+            self.on_text(text[self.shown:])
+            self.shown = len(text)
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    """The text before the first stop string (OpenAI leaves the stop string out)."""
+    for s in stop:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
 
 
 def load_chat(args: InferArguments) -> Chat:
