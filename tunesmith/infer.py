@@ -11,7 +11,7 @@ Interactive commands (as ms-swift): clear, reset-system, multi-line, single-line
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .args import InferArguments, load_args_json
@@ -38,6 +38,8 @@ class Chat:
     template: ChatTemplate
     args: InferArguments
     device: str
+    model_name: str = ""  # what --model resolved to (alias, folder or hub id)
+    systems: dict = field(default_factory=dict)  # adapter name -> its training system prompt
 
     def answer(self, messages: list[dict], stream_to=None) -> str:
         on_text = None
@@ -53,9 +55,10 @@ class Chat:
 
     def generate(self, ids: list[int], *, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None,
-                 on_text=None, cancelled=None) -> Generation:
+                 strip: bool = True, on_text=None, cancelled=None) -> Generation:
         """Continue token ids; the knobs default to the command's flags. on_text(piece) receives the answer as it
-        grows; cancelled() returning True stops early (a client that went away)."""
+        grows; cancelled() returning True stops early (a client that went away). strip: drop the whitespace around
+        a chat answer (a raw completion keeps it: " Paris" after "The capital of France is")."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -83,17 +86,18 @@ class Chat:
                 def __call__(self, *a, **k):
                     return cancelled()
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel()])
-        streamer = _Streamer(self.tok, on_text, stop) if on_text is not None else None
+        streamer = _Streamer(self.tok, on_text, stop, strip) if on_text is not None else None
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       streamer=streamer, **kwargs)
         new = out[0, len(ids):].tolist()
         ended = bool(new) and new[-1] in kwargs["eos_token_id"]
         full = self.tok.decode(new, skip_special_tokens=True)
-        text = _cut(full, stop or []).strip()
+        text = _cut(full, stop or [])
+        text = text.strip() if strip else text
         if streamer is not None:
             streamer.flush(text)
-        finish = "stop" if ended or len(new) < kwargs["max_new_tokens"] or text != full.strip() else "length"
+        finish = "stop" if ended or len(new) < kwargs["max_new_tokens"] or len(_cut(full, stop or [])) < len(full) else "length"
         return Generation(text, len(ids), len(new), finish)
 
 
@@ -102,8 +106,9 @@ class _Streamer:
     It holds back trailing whitespace and anything that may begin a stop string, so the pieces always add
     up to exactly the final answer (flush hands on the rest)."""
 
-    def __init__(self, tok, on_text, stop):
-        self.tok, self.on_text, self.stop, self.ids, self.shown, self.first = tok, on_text, stop or [], [], 0, True
+    def __init__(self, tok, on_text, stop, strip):
+        self.tok, self.on_text, self.stop, self.strip = tok, on_text, stop or [], strip
+        self.ids, self.shown, self.first = [], 0, True
 
     def put(self, value):
         if self.first:  # generate() first hands over the prompt
@@ -125,7 +130,7 @@ class _Streamer:
         self._show(final)
 
     def _show(self, text: str):
-        text = text.strip()
+        text = text.strip() if self.strip else text
         if len(text) > self.shown:
             self.on_text(text[self.shown:])
             self.shown = len(text)
@@ -139,31 +144,42 @@ def _cut(text: str, stop: list[str]) -> str:
     return text
 
 
-def load_chat(args: InferArguments) -> Chat:
-    """Base model, or base + adapter rebuilt from the checkpoint's args.json."""
-    adapter = None
-    if args.adapters:
-        adapter = check_adapter_dir(args.adapters[0])
+def load_chat(args: InferArguments, named: dict[str, str] | None = None) -> Chat:
+    """Base model, or base + adapter(s) rebuilt from the checkpoints' args.json.
+
+    `named` maps PEFT adapter names to checkpoint folders (deploy serves several on one base); by default
+    the one --adapters folder. The first adapter's args.json fills --model and --system when not given."""
+    named = named if named is not None else ({"default": args.adapters[0]} if args.adapters else {})
+    adapters = {name: check_adapter_dir(path) for name, path in named.items()}
+    systems = {}
+    for name, adapter in adapters.items():
         trained = load_args_json(adapter / "args.json") if (adapter / "args.json").exists() else {}
         if args.model is None:
             args.model = trained.get("model")
             if args.model is None:
                 raise UserError(f"--adapters {adapter}: its args.json does not name the base model; pass --model")
-        if args.system is None:
-            args.system = trained.get("system")
+        elif trained.get("model") not in (None, args.model) and len(adapters) > 1:
+            raise UserError(f"--adapters {adapter}: trained on {trained['model']}, not on {args.model} like the others; "
+                            "serve adapters of one base model per deploy")
+        systems[name] = args.system if args.system is not None else trained.get("system")
+    if adapters and args.system is None:
+        args.system = next(iter(systems.values()))
     resolved = resolve_model(args.model)
-    if adapter is not None:
+    for adapter in adapters.values():
         check_adapter_fits(adapter, resolved.path)
     tok = load_tokenizer(resolved.path)
     device = pick_device(args.device)
     model = load_model(resolved.path, pick_dtype(args.torch_dtype, device), device)
-    if adapter is not None:
+    for i, (name, adapter) in enumerate(adapters.items()):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        if i == 0:
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        else:
+            model.load_adapter(adapter, adapter_name=name)
         log(f"adapter {adapter} on {resolved.name}")
     model.eval()
-    return Chat(model, tok, ChatTemplate(tok, args.system), args, device)
+    return Chat(model, tok, ChatTemplate(tok, args.system), args, device, resolved.name, systems)
 
 
 def run(args: InferArguments) -> int:
