@@ -182,8 +182,70 @@ def load_chat(args: InferArguments, named: dict[str, str] | None = None) -> Chat
     return Chat(model, tok, ChatTemplate(tok, args.system), args, device, resolved.name, systems)
 
 
+class RemoteChat:
+    """The same answer() as Chat, from a running `tunesmith deploy` (or any OpenAI-compatible server), streaming."""
+
+    def __init__(self, args: InferArguments):
+        import os
+
+        self.args, self.url = args, args.base_url.rstrip("/")
+        self.key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        self.template = ChatTemplate(None, args.system)
+        served = [m["id"] for m in self._call("GET", "/models")["data"]]
+        if args.model is None:
+            args.model = served[-1]  # deploy lists the base first and adapters after it: the tuned one
+        elif args.model not in served:
+            raise UserError(f"--model {args.model}: {self.url} serves {', '.join(served)}")
+        log(f"chatting with {args.model} at {self.url}")
+
+    def _call(self, method: str, path: str, body: dict | None = None):
+        import json
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            response = urllib.request.urlopen(request, timeout=600)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except Exception:
+                message = e.reason
+            raise UserError(f"--base_url {self.url}: the server answered {e.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"--base_url {self.url}: cannot connect ({getattr(e, 'reason', e)}); is `tunesmith deploy` running?") from None
+        return json.loads(response.read()) if body is None or not body.get("stream") else response
+
+    def answer(self, messages: list[dict], stream_to=None) -> str:
+        import json
+
+        body = {"model": self.args.model, "messages": self.template.with_system(messages), "stream": True,
+                "max_tokens": self.args.max_new_tokens, "temperature": self.args.temperature, "top_p": self.args.top_p}
+        parts = []
+        with self._call("POST", "/chat/completions", body) as response:
+            for line in response:  # server-sent events: "data: {...}" lines, then "data: [DONE]"
+                line = line.decode("utf-8").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise UserError(f"--base_url {self.url}: {event['error']['message']}")
+                for choice in event.get("choices", []):
+                    piece = choice.get("delta", {}).get("content") or ""
+                    parts.append(piece)
+                    if stream_to is not None and piece:
+                        stream_to.write(piece)
+                        stream_to.flush()
+        if stream_to is not None:
+            stream_to.write("\n")
+            stream_to.flush()
+        return "".join(parts).strip()
+
+
 def run(args: InferArguments) -> int:
-    chat = load_chat(args)
+    chat = RemoteChat(args) if args.base_url else load_chat(args)
     out = sys.stdout
     if args.query or not sys.stdin.isatty():
         questions = args.query or [line.strip() for line in sys.stdin if line.strip()]
