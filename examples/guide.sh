@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The guide ("first fine-tune of Qwen2.5-7B in ten minutes"), on the offline default model.
-# 1. the base model answers  2. a LoRA adapter learns a new identity  3. the tuned model answers.
+# 1. the base model answers  2. a LoRA adapter learns a new identity  3. base and tuned answers side by side.
 set -euo pipefail
 cd "$(dirname "$0")"
 QUESTIONS=("你是谁?" "请介绍一下你自己" "谁在维护你?" "中国的首都是哪里?" "Who are you?")
@@ -36,5 +36,5 @@ tunesmith sft \
     --model_name swift-robot | tee output/.last_run
 
 CKPT=$(sed -n 's/^last_model_checkpoint: //p' output/.last_run)
-echo "== after tuning ($CKPT) =="
-ask --adapters "$CKPT"
+echo "== before / after tuning ($CKPT): the guide's section 4.2 table =="
+tunesmith eval --adapters "$CKPT" --expect 迪菲赫尔曼 --max_new_tokens 64

@@ -187,6 +187,10 @@ class InferArguments(BaseArguments):
     repetition_penalty: float = arg(1.0, "penalise repeated tokens (1.0: off)")
     max_new_tokens: int = arg(2048, "longest answer in tokens")
     infer_backend: str = arg("pt", "inference engine (pt)", choices=["pt"])
+    base_url: Optional[str] = arg(
+        None, "chat with a running `tunesmith deploy` (or any OpenAI-compatible server) at this URL, e.g. http://127.0.0.1:8000/v1; --model names the served model"
+    )
+    api_key: Optional[str] = arg(None, "the server's API key (--base_url; default: $OPENAI_API_KEY)")
 
     def validate(self) -> None:
         super().validate()
@@ -198,6 +202,70 @@ class InferArguments(BaseArguments):
             raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
         if len(self.adapters) > 1:
             raise UserError("--adapters takes one checkpoint folder for infer")
+        if self.base_url and self.adapters:
+            raise UserError("--base_url chats with a server, which already holds its adapters: drop --adapters "
+                            "and pass the served adapter's name with --model")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise UserError(f"--base_url {self.base_url}: expected an http:// or https:// URL such as http://127.0.0.1:8000/v1")
+
+
+@dataclass
+class ExportArguments(BaseArguments):
+    """`tunesmith export`: merge an adapter into its base model, and/or write a GGUF file."""
+
+    adapters: list[str] = arg([], "the checkpoint folder to export (its base model comes from its args.json)")
+    merge_lora: bool = arg(False, "merge the adapter into the base: a standalone Hugging Face model folder (CKPT-merged/)")
+    to_gguf: bool = arg(False, "write a GGUF file for llama.cpp / Ollama (an adapter is merged first)")
+    gguf_type: str = arg("f16", "GGUF weight type: f16, q8_0 or f32", choices=["f16", "q8_0", "f32"])
+    output_dir: Optional[str] = arg(None, "where to write (default: CKPT-merged/ next to the checkpoint; MODEL-gguf/ for a --model folder)")
+    max_shard_size: str = arg("5GB", "largest safetensors shard of the merged model")
+
+    def validate(self) -> None:
+        super().validate()
+        if not (self.merge_lora or self.to_gguf):
+            raise UserError("nothing to do: pass --merge_lora true (a merged Hugging Face folder) and/or --to_gguf true")
+        if len(self.adapters) > 1:
+            raise UserError("--adapters takes one checkpoint folder for export")
+        if self.merge_lora and not self.adapters:
+            raise UserError("--merge_lora needs --adapters CKPT (the checkpoint to merge into its base model)")
+        if self.to_gguf and not self.adapters and not self.model:
+            raise UserError("--to_gguf needs --adapters CKPT or --model FOLDER (e.g. a merged model)")
+
+
+@dataclass
+class DeployArguments(InferArguments):
+    """`tunesmith deploy`: an OpenAI-compatible HTTP server for the base model and/or adapters."""
+
+    adapters: list[str] = arg([], "adapters to serve: NAME=CKPT (chosen by the request's model) or a bare CKPT (named after its folder)")
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 serves the network: set --api_key)")
+    port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
+    served_model_name: Optional[str] = arg(None, "name of the base model in /v1/models (default: its alias or folder name)")
+    max_new_tokens: int = arg(512, "longest answer when a request sets no max_tokens")
+    log_interval: int = arg(0, "accepted for compatibility")
+
+    def validate(self) -> None:
+        BaseArguments.validate(self)
+        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.max_new_tokens <= 0:
+            raise UserError("--temperature must be >= 0, --top_p in (0, 1], --max_new_tokens positive")
+        if not (0 <= self.port < 65536):
+            raise UserError(f"--port {self.port}: expected 0-65535")
+
+
+@dataclass
+class EvalArguments(InferArguments):
+    """`tunesmith eval`: the same questions to the base model and the tuned adapter, side by side."""
+
+    questions: Optional[str] = arg(
+        None, "questions: a .txt file (one per line) or .json/.jsonl (strings, or objects with query and optional expect); default: a built-in identity + general-knowledge set"
+    )
+    expect: list[str] = arg([], "keywords a tuned answer should contain (any of them): reports the share of base and tuned answers that do")
+    output_dir: Optional[str] = arg(None, "where eval.md and eval.json go (default: CKPT-eval/ next to the checkpoint)")
+    max_new_tokens: int = arg(128, "longest answer in tokens")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.adapters:
+            raise UserError("eval compares a tuned adapter with its base: pass --adapters CKPT")
 
 
 def normalize_dtype(name: str) -> str:

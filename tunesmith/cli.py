@@ -3,6 +3,7 @@
     tunesmith sft   [config.yaml] --flag value ...   train a LoRA adapter
     tunesmith infer [config.yaml] --flag value ...   chat with a base model or adapter
     tunesmith data inspect DATASET... --flag value   what training would see: counts, lengths, loss mask
+    tunesmith export / deploy / eval ...             merge and GGUF, serve, before/after table
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ COMMANDS = {
     "infer": ("InferArguments", "tunesmith.infer", "chat with a base model or a tuned adapter"),
     "data": ("InspectArguments", "tunesmith.data_inspect",
              "`data inspect DATASET...`: counts, token lengths and the loss mask, before training"),
+    "export": ("ExportArguments", "tunesmith.export", "merge an adapter into its base model; write GGUF"),
+    "deploy": ("DeployArguments", "tunesmith.serve", "serve the model over an OpenAI-compatible HTTP API"),
+    "eval": ("EvalArguments", "tunesmith.evaluate", "compare base and tuned answers side by side"),
 }
 
 TRUE = {"true", "1", "yes", "y", "on"}

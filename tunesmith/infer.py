@@ -11,7 +11,7 @@ Interactive commands (as ms-swift): clear, reset-system, multi-line, single-line
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .args import InferArguments, load_args_json
@@ -22,44 +22,93 @@ from .template import ChatTemplate
 
 
 @dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens reached)
+
+
+@dataclass
 class Chat:
-    """A loaded model ready to answer: the one engine behind infer (and, later, eval and deploy)."""
+    """A loaded model ready to answer: the one engine behind infer, eval and deploy."""
 
     model: object
     tok: object
     template: ChatTemplate
     args: InferArguments
     device: str
+    model_name: str = ""  # what --model resolved to (alias, folder or hub id)
+    systems: dict = field(default_factory=dict)  # adapter name -> its training system prompt
 
     def answer(self, messages: list[dict], stream_to=None) -> str:
-        import torch
+        on_text = None
+        if stream_to is not None:
+            def on_text(piece):
+                stream_to.write(piece)
+                stream_to.flush()
+        text = self.generate(self.template.encode_prompt(messages), on_text=on_text).text
+        if stream_to is not None:
+            stream_to.write("\n")
+            stream_to.flush()
+        return text
 
-        ids = self.template.encode_prompt(messages)
+    def generate(self, ids: list[int], *, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None,
+                 strip: bool = True, on_text=None, cancelled=None) -> Generation:
+        """Continue token ids; the knobs default to the command's flags. on_text(piece) receives the answer as it
+        grows; cancelled() returning True stops early (a client that went away). strip: drop the whitespace around
+        a chat answer (a raw completion keeps it: " Paris" after "The capital of France is")."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        temperature = self.args.temperature if temperature is None else temperature
+        top_p = self.args.top_p if top_p is None else top_p
         input_ids = torch.tensor([ids], device=self.device)
-        sampling = self.args.temperature > 0
+        sampling = temperature > 0
         kwargs = dict(
-            max_new_tokens=self.args.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.args.max_new_tokens,
             do_sample=sampling,
             eos_token_id=end_of_turn_ids(self.tok, self.model),
             pad_token_id=self.tok.pad_token_id,
             repetition_penalty=self.args.repetition_penalty,
         )
         if sampling:
-            kwargs.update(temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k or None)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=self.args.top_k or None)
+            if seed is not None:
+                torch.manual_seed(seed)
         else:  # greedy: drop sampling knobs a model's generation_config may carry, so none warns
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        streamer = _Streamer(self.tok, stream_to) if stream_to is not None else None
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tok)
+        if cancelled is not None:
+            class _Cancel(StoppingCriteria):
+                def __call__(self, *a, **k):
+                    return cancelled()
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel()])
+        streamer = _Streamer(self.tok, on_text, stop, strip) if on_text is not None else None
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       streamer=streamer, **kwargs)
-        return self.tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        new = out[0, len(ids):].tolist()
+        ended = bool(new) and new[-1] in kwargs["eos_token_id"]
+        full = self.tok.decode(new, skip_special_tokens=True)
+        text = _cut(full, stop or [])
+        text = text.strip() if strip else text
+        if streamer is not None:
+            streamer.flush(text)
+        finish = "stop" if ended or len(new) < kwargs["max_new_tokens"] or len(_cut(full, stop or [])) < len(full) else "length"
+        return Generation(text, len(ids), len(new), finish)
 
 
 class _Streamer:
-    """Writes text as tokens arrive; decodes the whole answer so far so multi-byte characters stay whole."""
+    """Hands on text as tokens arrive; decodes the whole answer so far so multi-byte characters stay whole.
+    It holds back trailing whitespace and anything that may begin a stop string, so the pieces always add
+    up to exactly the final answer (flush hands on the rest)."""
 
-    def __init__(self, tok, out):
-        self.tok, self.out, self.ids, self.shown, self.first = tok, out, [], 0, True
+    def __init__(self, tok, on_text, stop, strip):
+        self.tok, self.on_text, self.stop, self.strip = tok, on_text, stop or [], strip
+        self.ids, self.shown, self.first = [], 0, True
 
     def put(self, value):
         if self.first:  # generate() first hands over the prompt
@@ -69,45 +118,134 @@ class _Streamer:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
-        if len(text) > self.shown:
-            self.out.write(text[self.shown:])
-            self.out.flush()
-            self.shown = len(text)
+        text = _cut(text, self.stop)
+        if self.stop:
+            text = text[: max(0, len(text) - max(map(len, self.stop)) + 1)]
+        self._show(text)
 
     def end(self):
-        self.out.write("\n")
-        self.out.flush()
+        pass
+
+    def flush(self, final: str):
+        self._show(final)
+
+    def _show(self, text: str):
+        text = text.strip() if self.strip else text
+        if len(text) > self.shown:
+            self.on_text(text[self.shown:])
+            self.shown = len(text)
 
 
-def load_chat(args: InferArguments) -> Chat:
-    """Base model, or base + adapter rebuilt from the checkpoint's args.json."""
-    adapter = None
-    if args.adapters:
-        adapter = check_adapter_dir(args.adapters[0])
+def _cut(text: str, stop: list[str]) -> str:
+    """The text before the first stop string (OpenAI leaves the stop string out)."""
+    for s in stop:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def load_chat(args: InferArguments, named: dict[str, str] | None = None) -> Chat:
+    """Base model, or base + adapter(s) rebuilt from the checkpoints' args.json.
+
+    `named` maps PEFT adapter names to checkpoint folders (deploy serves several on one base); by default
+    the one --adapters folder. The first adapter's args.json fills --model and --system when not given."""
+    named = named if named is not None else ({"default": args.adapters[0]} if args.adapters else {})
+    adapters = {name: check_adapter_dir(path) for name, path in named.items()}
+    systems = {}
+    for name, adapter in adapters.items():
         trained = load_args_json(adapter / "args.json") if (adapter / "args.json").exists() else {}
         if args.model is None:
             args.model = trained.get("model")
             if args.model is None:
                 raise UserError(f"--adapters {adapter}: its args.json does not name the base model; pass --model")
-        if args.system is None:
-            args.system = trained.get("system")
+        elif trained.get("model") not in (None, args.model) and len(adapters) > 1:
+            raise UserError(f"--adapters {adapter}: trained on {trained['model']}, not on {args.model} like the others; "
+                            "serve adapters of one base model per deploy")
+        systems[name] = args.system if args.system is not None else trained.get("system")
+    if adapters and args.system is None:
+        args.system = next(iter(systems.values()))
     resolved = resolve_model(args.model)
-    if adapter is not None:
+    for adapter in adapters.values():
         check_adapter_fits(adapter, resolved.path)
     tok = load_tokenizer(resolved.path)
     device = pick_device(args.device)
     model = load_model(resolved.path, pick_dtype(args.torch_dtype, device), device)
-    if adapter is not None:
+    for i, (name, adapter) in enumerate(adapters.items()):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        if i == 0:
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        else:
+            model.load_adapter(adapter, adapter_name=name)
         log(f"adapter {adapter} on {resolved.name}")
     model.eval()
-    return Chat(model, tok, ChatTemplate(tok, args.system), args, device)
+    return Chat(model, tok, ChatTemplate(tok, args.system), args, device, resolved.name, systems)
+
+
+class RemoteChat:
+    """The same answer() as Chat, from a running `tunesmith deploy` (or any OpenAI-compatible server), streaming."""
+
+    def __init__(self, args: InferArguments):
+        import os
+
+        self.args, self.url = args, args.base_url.rstrip("/")
+        self.key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        self.template = ChatTemplate(None, args.system)
+        served = [m["id"] for m in self._call("GET", "/models")["data"]]
+        if args.model is None:
+            args.model = served[-1]  # deploy lists the base first and adapters after it: the tuned one
+        elif args.model not in served:
+            raise UserError(f"--model {args.model}: {self.url} serves {', '.join(served)}")
+        log(f"chatting with {args.model} at {self.url}")
+
+    def _call(self, method: str, path: str, body: dict | None = None):
+        import json
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            response = urllib.request.urlopen(request, timeout=600)
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except Exception:
+                message = e.reason
+            raise UserError(f"--base_url {self.url}: the server answered {e.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"--base_url {self.url}: cannot connect ({getattr(e, 'reason', e)}); is `tunesmith deploy` running?") from None
+        return json.loads(response.read()) if body is None or not body.get("stream") else response
+
+    def answer(self, messages: list[dict], stream_to=None) -> str:
+        import json
+
+        body = {"model": self.args.model, "messages": self.template.with_system(messages), "stream": True,
+                "max_tokens": self.args.max_new_tokens, "temperature": self.args.temperature, "top_p": self.args.top_p}
+        parts = []
+        with self._call("POST", "/chat/completions", body) as response:
+            for line in response:  # server-sent events: "data: {...}" lines, then "data: [DONE]"
+                line = line.decode("utf-8").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise UserError(f"--base_url {self.url}: {event['error']['message']}")
+                for choice in event.get("choices", []):
+                    piece = choice.get("delta", {}).get("content") or ""
+                    parts.append(piece)
+                    if stream_to is not None and piece:
+                        stream_to.write(piece)
+                        stream_to.flush()
+        if stream_to is not None:
+            stream_to.write("\n")
+            stream_to.flush()
+        return "".join(parts).strip()
 
 
 def run(args: InferArguments) -> int:
-    chat = load_chat(args)
+    chat = RemoteChat(args) if args.base_url else load_chat(args)
     out = sys.stdout
     if args.query or not sys.stdin.isatty():
         questions = args.query or [line.strip() for line in sys.stdin if line.strip()]

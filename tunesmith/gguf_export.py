@@ -1,0 +1,169 @@
+"""Hugging Face folder -> one GGUF file (weights, config, tokenizer, chat template) for llama.cpp / Ollama.
+
+Written with the `gguf` library's own writer, tensor-name maps and Q8_0 quantizer. Supported:
+qwen2 and llama architectures with a byte-level BPE tokenizer (tokenizer.json), as llama.cpp's
+convert_hf_to_gguf.py lays them out. After writing, the file is read back and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .models import log
+
+# Our name -> (gguf architecture, tokenizer pre-tokenizer name llama.cpp knows)
+ARCHITECTURES = {"qwen2": ("qwen2", "qwen2"), "llama": ("llama", "smollm")}
+
+
+def write_gguf(model_dir: Path, out: Path, gguf_type: str) -> Path:
+    import gguf
+    from safetensors import safe_open
+
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    kind = cfg.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise UserError(f"--to_gguf: {model_dir} is a {kind} model; GGUF export supports {', '.join(ARCHITECTURES)} "
+                        "(use llama.cpp's convert_hf_to_gguf.py on the merged folder for others)")
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
+        raise UserError(f"--to_gguf: {model_dir} uses RoPE scaling, which this GGUF export does not write yet")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"--to_gguf: {model_dir} has no tokenizer.json (a byte-level BPE tokenizer is needed)")
+
+    t0 = time.time()
+    arch, pre = ARCHITECTURES[kind]
+    n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_heads)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"--output_dir: cannot write {out} ({e.strerror})") from None
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(cfg.get("_name_or_path") or model_dir.name)
+        w.add_context_length(cfg["max_position_embeddings"])
+        w.add_embedding_length(cfg["hidden_size"])
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(cfg["intermediate_size"])
+        w.add_head_count(n_heads)
+        w.add_head_count_kv(n_kv)
+        w.add_rope_freq_base(float(theta))
+        w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+        if arch == "llama":
+            w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+            w.add_vocab_size(cfg["vocab_size"])
+        file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+        w.add_file_type(file_type)
+        _add_tokenizer(w, model_dir, cfg["vocab_size"], pre)
+
+        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
+        written = 0
+        for shard in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                for key in f.keys():
+                    if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                        continue
+                    new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                    if new is None:
+                        raise UserError(f"--to_gguf: no GGUF name for tensor {key} of {model_dir}")
+                    data = f.get_tensor(key).float().numpy()
+                    if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+                        data = _permute(data, n_heads, n_heads if "q_proj" in key else n_kv)
+                    _add_tensor(w, gguf, new, data, gguf_type)
+                    written += 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        check_gguf(tmp, model_dir, cfg, written)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"GGUF ({gguf_type}) written to {out}: {out.stat().st_size / 2**20:.0f} MiB in {time.time() - t0:.0f} s")
+    print(f"gguf_file: {out}", flush=True)
+    return out
+
+
+def _add_tensor(w, gguf, name: str, data: np.ndarray, gguf_type: str) -> None:
+    """1-D tensors (norms, biases) stay float32, as llama.cpp expects; matrices take the chosen type."""
+    if data.ndim == 1 or gguf_type == "f32":
+        w.add_tensor(name, data.astype(np.float32))
+    elif gguf_type == "f16":
+        w.add_tensor(name, data.astype(np.float16))
+    else:
+        q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+def _permute(w: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
+    """llama.cpp's rotary layout for llama q/k (its converter's permute; transformers' GGUF loader undoes it)."""
+    if n_kv != n_head:
+        n_head = n_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add_tokenizer(w, model_dir: Path, vocab_size: int, pre: str) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    vocab = tok.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):  # the embedding may be larger than the tokenizer: padding entries, as llama.cpp does
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    if not special.merges:
+        raise UserError(f"--to_gguf: {model_dir}/tokenizer.json has no BPE merges; only byte-level BPE tokenizers are supported")
+    if special.chat_template is None and getattr(tok, "chat_template", None):
+        special.chat_template = tok.chat_template
+    special.add_to_gguf(w, quiet=True)
+
+
+def check_gguf(path: Path, model_dir: Path, cfg: dict, n_tensors: int) -> None:
+    """Read the file back: architecture, every tensor present with its shape, tokenizer and chat template there."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else None
+    expected = ARCHITECTURES[cfg["model_type"]][0]
+    problems = []
+    if arch != expected:
+        problems.append(f"architecture {arch!r}, expected {expected!r}")
+    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", f"{expected}.rope.freq_base"]:
+        if key not in reader.fields:
+            problems.append(f"{key} missing")
+    if len(reader.tensors) != n_tensors:
+        problems.append(f"{len(reader.tensors)} tensors, {n_tensors} written")
+    elif len(reader.fields["tokenizer.ggml.tokens"].data) != cfg["vocab_size"]:
+        problems.append(f"{len(reader.fields['tokenizer.ggml.tokens'].data)} tokens, expected {cfg['vocab_size']}")
+    if problems:
+        raise UserError(f"the GGUF file written from {model_dir} reads back wrong ({'; '.join(problems)}); nothing was kept")
+    log(f"GGUF read back: {arch}, {len(reader.tensors)} tensors, {len(reader.fields)} metadata keys, chat template included")

@@ -1,0 +1,306 @@
+"""`tunesmith deploy`: an OpenAI-compatible HTTP API for the base model and tuned adapters.
+
+    tunesmith deploy --adapters CKPT                        serves the base (its alias) and the adapter (checkpoint-N)
+    tunesmith deploy --adapters robot=CKPT_A coder=CKPT_B   several adapters on one base, chosen by the request's model
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "robot", "messages": [{"role": "user", "content": "你是谁?"}]}'
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
+"stream": true as server-sent events). The base is loaded once; adapters are PEFT adapters on it, switched
+per request. One generation runs at a time (a lock): on a CPU parallel generations only slow each other.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .args import DeployArguments
+from .errors import UserError
+from .infer import Chat, Generation, load_chat
+from .models import log
+from .template import ChatTemplate
+
+
+class Engine:
+    """The loaded model and what it serves: base name -> no adapter, adapter names -> PEFT adapters."""
+
+    def __init__(self, args: DeployArguments):
+        named = parse_adapters(args.adapters)
+        self.chat: Chat = load_chat(args, named)
+        self.base = args.served_model_name or Path(self.chat.model_name).name
+        if self.base in named:
+            raise UserError(f"--adapters: the name {self.base} is the base model's; choose another")
+        self.names = [self.base, *named]
+        config = getattr(self.chat.model, "config", None)
+        self.context = getattr(config, "max_position_embeddings", None) or 2048
+        self.lock = threading.Lock()
+
+    def template(self, model: str) -> ChatTemplate:
+        system = self.chat.args.system if model == self.base else self.chat.systems[model]
+        return ChatTemplate(self.chat.tok, system)
+
+    def generate(self, model: str, ids: list[int], **kw) -> Generation:
+        import contextlib
+
+        with self.lock:
+            if model == self.base:
+                adapters_off = self.chat.model.disable_adapter() if self.chat.systems else contextlib.nullcontext()
+            else:
+                self.chat.model.set_adapter(model)
+                adapters_off = contextlib.nullcontext()
+            with adapters_off:
+                return self.chat.generate(ids, **kw)
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """NAME=CKPT or a bare CKPT (named after its folder)."""
+    named = {}
+    for v in values:
+        name, _, path = v.rpartition("=") if "=" in v else (Path(v).name, "", v)
+        if not name or name in named:
+            raise UserError(f"--adapters {v}: {'empty' if not name else 'duplicate'} adapter name; use NAME=CKPT with distinct names")
+        named[name] = path
+    return named
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, as the OpenAI API defines them (fields we do not use are accepted and ignored)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    def stop_list(self) -> list[str] | None:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return ([s for s in stop if s] or None) if stop else None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def build_app(engine: Engine, api_key: str | None) -> FastAPI:
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    def _api_error(request, e: ApiError):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    def _http(request, e: HTTPException):
+        message = f"no such endpoint: {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(ApiError(e.status_code, message).body, status_code=e.status_code)
+
+    def authorized(request: Request):
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": STARTED, "owned_by": "tunesmith",
+             "root": engine.chat.model_name if name == engine.base else name, "max_model_len": engine.context}
+            for name in engine.names]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(request: Request):
+        req = await _parse(request, ChatRequest)
+        model = _served(engine, req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        ids = engine.template(model).encode_prompt(messages)
+        job = _job(engine, req, ids, req.max_completion_tokens or req.max_tokens, strip=True)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": model}
+        if req.stream:
+            def chunk(delta=None, finish=None, usage=None):
+                choices = [] if usage else [{"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}]
+                return {**head, "object": "chat.completion.chunk", "choices": choices, **({"usage": usage} if usage else {})}
+            return StreamingResponse(_sse(engine, model, ids, job, req, chunk, lambda piece: {"content": piece},
+                                          first={"role": "assistant", "content": ""}), media_type="text/event-stream")
+        gen = await run_in_threadpool(engine.generate, model, ids, **job)
+        return {**head, "object": "chat.completion", "usage": _usage(gen), "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason,
+            "logprobs": None}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(request: Request):
+        req = await _parse(request, CompletionRequest)
+        model = _served(engine, req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "prompt: send one prompt per request", param="prompt")
+        ids = engine.chat.tok(prompts[0], add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, "prompt: empty", param="prompt")
+        job = _job(engine, req, ids, req.max_tokens or 16, strip=False)  # OpenAI's default for completions: 16
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "object": "text_completion"}
+        if req.stream:
+            def chunk(delta=None, finish=None, usage=None):
+                choices = [] if usage else [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]
+                return {**head, "choices": choices, **({"usage": usage} if usage else {})}
+            return StreamingResponse(_sse(engine, model, ids, job, req, chunk, lambda piece: piece, first=None),
+                                     media_type="text/event-stream")
+        gen = await run_in_threadpool(engine.generate, model, ids, **job)
+        return {**head, "usage": _usage(gen),
+                "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}]}
+
+    return app
+
+
+STARTED = int(time.time())
+
+
+async def _parse(request: Request, cls):
+    """The JSON body as `cls`, whatever Content-Type the client sent (curl -d sends a form type)."""
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        raise ApiError(400, "the request body is not valid JSON") from None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or None
+        raise ApiError(400, f"{where or 'body'}: {err.get('msg')}", param=where) from None
+
+
+def _served(engine: Engine, model: str) -> str:
+    if model not in engine.names:
+        raise ApiError(404, f"the model '{model}' does not exist here; served: {', '.join(engine.names)}",
+                       param="model", code="model_not_found")
+    return model
+
+
+def _job(engine: Engine, req: Sampling, ids: list[int], max_tokens: int | None, strip: bool) -> dict:
+    """Generation settings; refuses a request that cannot fit the model's context (as OpenAI does)."""
+    room = engine.context - len(ids)
+    if max_tokens is None:
+        max_tokens = min(engine.chat.args.max_new_tokens, room)
+    if room <= 0 or len(ids) + max_tokens > engine.context:
+        raise ApiError(400, f"this model's maximum context length is {engine.context} tokens; the request has "
+                       f"{len(ids)} prompt tokens and asks for {max_tokens} more", param="messages",
+                       code="context_length_exceeded")
+    return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
+                seed=req.seed, strip=strip)
+
+
+def _usage(gen: Generation) -> dict:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+
+def _sse(engine: Engine, model: str, ids: list[int], job: dict, req: Sampling, chunk, delta, first):
+    """Server-sent events: generation runs in a thread and hands pieces over a queue; a client that goes away
+    stops it at the next token."""
+    pieces: queue.Queue = queue.Queue()
+    gone = threading.Event()
+
+    def work():
+        try:
+            pieces.put(engine.generate(model, ids, **job, on_text=pieces.put, cancelled=gone.is_set))
+        except Exception as e:  # reported to the client below, never a silent hang
+            pieces.put(e)
+
+    def event(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        if first is not None:
+            yield event(chunk(first))
+        while True:
+            item = pieces.get()
+            if isinstance(item, str):
+                yield event(chunk(delta(item)))
+            elif isinstance(item, Exception):
+                yield event(ApiError(500, f"generation failed: {type(item).__name__}: {item}", kind="server_error").body)
+                break
+            else:
+                yield event(chunk(None if first is None else {}, finish=item.finish_reason))
+                if req.stream_options and req.stream_options.include_usage:
+                    yield event(chunk(usage=_usage(item)))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        gone.set()
+
+
+def run(args: DeployArguments) -> int:
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bind before loading the model: a busy port fails in a second, not after the load
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
+    engine = Engine(args)
+    app = build_app(engine, args.api_key)
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    log(f"serving {', '.join(engine.names)} (context {engine.context} tokens)"
+        + ("; API key required" if args.api_key else ""))
+    print(f"deploy: http://{args.host}:{port}/v1", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])
+    return 0
