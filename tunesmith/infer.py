@@ -297,6 +297,9 @@ def interactive(chat: Chat) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+COMMANDS = ("exit", "quit", "clear", "reset-system", "multi-line", "single-line")
+
+
 def _read(multi_line: bool) -> str:
     if not multi_line:
         return input("<<< ")
@@ -304,6 +307,8 @@ def _read(multi_line: bool) -> str:
     prompt = "<<<[M] "
     while True:
         line = input(prompt)
+        if prompt and line.strip().lower() in COMMANDS:  # a command needs no closing '#'
+            return line
         prompt = ""
         if line.endswith("#"):
             lines.append(line[:-1])
