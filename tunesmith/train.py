@@ -83,6 +83,8 @@ def run(args: SftArguments) -> int:
         resume.restore(ckpt, model, optimizer, scheduler)
         state.update(checkpoint=ckpt, data_fingerprint=fingerprint)
         run_dir = resume.continue_in(ckpt, args.output_dir, state["global_step"])
+        if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
+            save_args(args, run_dir / "args.json")
         log(f"resuming from {ckpt} at step {state['global_step']} of {plan['max_steps']}; run folder: {run_dir}")
     else:
         state = {"global_step": 0, "log_history": [], "data_fingerprint": fingerprint}
