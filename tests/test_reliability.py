@@ -48,6 +48,16 @@ def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout=30
     raise AssertionError(f"no checkpoint-{step} after {timeout} s")
 
 
+def signal_after_first_checkpoint(out: Path, sig, expect_exit: int) -> str:
+    """Start a run, send `sig` once checkpoint-1 exists, check the exit code; returns stderr."""
+    proc = start("--output_dir", out)
+    wait_for_checkpoint(out, 1, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == expect_exit, err[-2000:]
+    return err
+
+
 def adapter(ckpt: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -116,12 +126,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_adapter(tmp_path, 
 
 
 def test_ctrl_c_saves_prints_the_resume_command_and_it_continues_exactly(tmp_path, reference):
-    out = tmp_path / "out"
-    proc = start("--output_dir", out)
-    wait_for_checkpoint(out, 1, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
+    err = signal_after_first_checkpoint(tmp_path / "out", signal.SIGINT, expect_exit=130)
     cmd = resume_command(err)
     saved = Path(cmd[cmd.index("--resume_from_checkpoint") + 1])
     assert saved.name in {f"checkpoint-{n}" for n in (2, 3)} and (saved / "adapter_model.safetensors").is_file()
@@ -132,12 +137,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_it_continues_exactly(tmp_pat
 
 
 def test_sigterm_saves_and_exits_143(tmp_path):
-    out = tmp_path / "out"
-    proc = start("--output_dir", out)
-    wait_for_checkpoint(out, 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
+    err = signal_after_first_checkpoint(tmp_path / "out", signal.SIGTERM, expect_exit=143)
     assert "SIGTERM" in err and "--resume_from_checkpoint" in resume_command(err)
 
 
