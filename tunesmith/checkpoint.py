@@ -125,8 +125,9 @@ def _write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
 
 
-def checkpoint_problem(folder: Path) -> str | None:
+def checkpoint_problem(folder: Path, only: tuple[str, ...] | None = None) -> str | None:
     """Why a checkpoint cannot be trusted (missing or changed file), or None when its manifest matches.
+    `only`: check just these files (infer needs no optimizer state, which people delete to save space).
     Checkpoints from before manifests existed are only checked for their adapter files."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
@@ -137,6 +138,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return "manifest.json is damaged"
     for name, want in files.items():
+        if only is not None and name not in only:
+            continue
         f = folder / name
         if not f.is_file():
             return f"{name} missing"
@@ -157,7 +160,7 @@ def check_adapter_dir(path: str) -> Path:
     missing = [f for f in ADAPTER_FILES if not (p / f).is_file()]
     if missing:
         raise UserError(f"--adapters {path}: not a complete adapter checkpoint ({', '.join(missing)} missing)")
-    problem = checkpoint_problem(p)
+    problem = checkpoint_problem(p, only=ADAPTER_FILES + ("args.json",))
     if problem:
         raise UserError(f"--adapters {path}: the checkpoint is damaged ({problem}); use an earlier checkpoint-N")
     try:

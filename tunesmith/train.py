@@ -278,14 +278,8 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
                 trainer_state = {"global_step": step, "max_steps": max_steps, "epoch": step / plan["steps_per_epoch"],
                                  "log_history": history, "base_model": model_name, "pending": pending,
                                  "elapsed": time.time() - t0, "data_fingerprint": state.get("data_fingerprint")}
-                extra = {
-                    "args.json": {**_args_dict(args), "_command": "SftArguments"},
-                    "trainer_state.json": trainer_state,
-                    "optimizer.pt": optimizer.state_dict(),
-                    "scheduler.pt": scheduler.state_dict(),
-                    "rng_state.pth": _rng_state(),
-                }
-                last_ckpt = save_checkpoint(run_dir, step, model, extra, args.save_total_limit)
+                files = _resume_files(args, trainer_state, optimizer, scheduler)
+                last_ckpt = save_checkpoint(run_dir, step, model, files, args.save_total_limit)
                 bar.write(f"[tunesmith] saved {last_ckpt}", file=sys.stderr)
             if stop.requested and step < max_steps:
                 bar.close()
@@ -299,6 +293,17 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
     except OSError as e:  # the adapter is saved; a missing plot must not fail the run
         log(f"could not write the loss plot ({e.strerror})")
     return {"checkpoint": last_ckpt, "train_runtime": runtime}
+
+
+def _resume_files(args, trainer_state: dict, optimizer, scheduler) -> dict:
+    """Everything besides the adapter that a checkpoint needs to continue exactly (resume.restore)."""
+    return {
+        "args.json": {**_args_dict(args), "_command": "SftArguments"},
+        "trainer_state.json": trainer_state,
+        "optimizer.pt": optimizer.state_dict(),
+        "scheduler.pt": scheduler.state_dict(),
+        "rng_state.pth": _rng_state(),
+    }
 
 
 def batch_windows(n: int, batch_size: int, accumulation: int, seed: int):
