@@ -137,13 +137,20 @@ class SftArguments(DataArguments):
     save_steps: int = arg(500, "save a checkpoint every N optimizer steps (the last step is always saved)")
     save_total_limit: Optional[int] = arg(None, "keep only the newest N checkpoints")
     output_dir: str = arg("output", "where runs go: OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
+    resume_from_checkpoint: Optional[str] = arg(
+        None, "continue a stopped run from a checkpoint folder (or true: the newest one under --output_dir) "
+        "with the same optimizer, schedule, data order and random state"
+    )
+    max_nonfinite_steps: int = arg(
+        5, "a step with a NaN/inf loss or gradient is skipped (no update); stop after this many in a row"
+    )
     dataloader_num_workers: int = arg(0, "accepted for compatibility; tokenized data is prepared up front")
     report_to: list[str] = arg([], "accepted for compatibility (logs go to logging.jsonl)")
 
     def validate(self) -> None:
         super().validate()
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "lora_rank",
-                    "lora_alpha", "logging_steps", "save_steps"]
+                    "lora_alpha", "logging_steps", "save_steps", "max_nonfinite_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive number, got {getattr(self, name)}")
@@ -166,6 +173,8 @@ class SftArguments(DataArguments):
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.target_modules:
             raise UserError("--target_modules needs at least one name, or all-linear")
+        if str(self.resume_from_checkpoint).strip().lower() in ("", "none", "false", "0", "no", "off"):
+            self.resume_from_checkpoint = None
 
     def effective_accumulation(self, world_size: int = 1) -> int:
         """ms-swift's default: enough micro-batches for 16 samples per optimizer step."""

@@ -2,14 +2,16 @@
 
     output_dir/vN-YYYYMMDD-HHMMSS/{args.json, logging.jsonl, images/, checkpoint-N/}
     checkpoint-N/{adapter_config.json, adapter_model.safetensors, args.json,
-                  optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json}
+                  optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, manifest.json}
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a killed run
-never leaves a half-written checkpoint-N that looks complete.
+never leaves a half-written checkpoint-N that looks complete. manifest.json (written last) holds
+the size and sha256 of every other file, so a checkpoint damaged later is recognised too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,6 +22,7 @@ from pathlib import Path
 from .errors import UserError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MANIFEST = "manifest.json"
 
 
 def new_run_dir(output_dir: str) -> Path:
@@ -47,7 +50,8 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_total_limit: int | None) -> Path:
-    """Write checkpoint-{step} atomically, then drop the oldest beyond save_total_limit."""
+    """Write checkpoint-{step} atomically, then drop the oldest beyond save_total_limit.
+    A failed write (full disk, read-only folder) raises OSError and leaves earlier checkpoints as they were."""
     import torch
 
     final = run_dir / f"checkpoint-{step}"
@@ -60,20 +64,90 @@ def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_tot
                 (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             else:
                 torch.save(obj, tmp / name)
+        _write_manifest(tmp)
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved before (a resumed run): replace it
+            _remove(final)
         os.replace(tmp, final)
-    except OSError as e:
+        _fsync_dir(run_dir)
+    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final} ({e.strerror}); earlier checkpoints are intact") from None
+        raise _as_os_error(e, tmp) from None
     if save_total_limit:
         for old in checkpoints(run_dir)[:-save_total_limit]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+            if old != final:  # the checkpoint just written is the last good one: never rotated away
+                _remove(old)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Hide a checkpoint before deleting it, so a kill mid-delete never leaves a half checkpoint-N."""
+    hidden = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _as_os_error(e: Exception, where: Path) -> OSError:
+    if isinstance(e, OSError):
+        return e
+    import errno
+
+    try:
+        full = shutil.disk_usage(where.parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code) if full else str(e).splitlines()[0][:200], str(where))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
+
+
+def checkpoint_problem(folder: Path, only: tuple[str, ...] | None = None) -> str | None:
+    """Why a checkpoint cannot be trusted (missing or changed file), or None when its manifest matches.
+    `only`: check just these files (infer needs no optimizer state, which people delete to save space).
+    Checkpoints from before manifests existed are only checked for their adapter files."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+        return f"{', '.join(missing)} missing" if missing else None
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "manifest.json is damaged"
+    for name, want in files.items():
+        if only is not None and name not in only:
+            continue
+        f = folder / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} is truncated or changed ({f.stat().st_size} bytes, the manifest says {want['size']})"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum in manifest.json"
+    return None
 
 
 def check_adapter_dir(path: str) -> Path:
@@ -86,6 +160,9 @@ def check_adapter_dir(path: str) -> Path:
     missing = [f for f in ADAPTER_FILES if not (p / f).is_file()]
     if missing:
         raise UserError(f"--adapters {path}: not a complete adapter checkpoint ({', '.join(missing)} missing)")
+    problem = checkpoint_problem(p, only=ADAPTER_FILES + ("args.json",))
+    if problem:
+        raise UserError(f"--adapters {path}: the checkpoint is damaged ({problem}); use an earlier checkpoint-N")
     try:
         cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
         assert isinstance(cfg, dict)

@@ -4,6 +4,9 @@
     fit()      the loop: for each optimizer step, forward+backward over one accumulation
                window, clip, step, log, validate, save
 
+Resuming (resume.py) restores the pieces before fit(); fit() then starts after the checkpoint's step.
+Ctrl-C/SIGTERM and NaN/inf steps are handled by the small guards in guards.py.
+
 The update follows ms-swift/transformers semantics: the loss of one optimizer step is the mean
 over all answer tokens of its accumulation window. With --packing_window (default) the whole
 window runs as one padding-free packed sequence: the same update, far fewer, larger matmuls.
@@ -20,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import fast
+from . import fast, resume
 from .args import SftArguments, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import check_local
 from .errors import UserError
+from .guards import NonFinite, StopSignals
 from .models import load_config, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
 from .template import IGNORE, ChatTemplate, Encoded
 from .tokenized import prepare
@@ -63,6 +67,9 @@ def run(args: SftArguments) -> int:
     plan = run_plan(args, len(train_set))
     for line in plan["messages"]:
         log(line)
+    fingerprint = resume.data_fingerprint(train_set)
+    ckpt = resume.find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    state = resume.check_same_run(ckpt, args, fingerprint) if ckpt else None
 
     # 2. Model with LoRA, optimizer, schedule, run folder.
     torch = _seed_everything(args.seed)
@@ -72,12 +79,29 @@ def run(args: SftArguments) -> int:
     marks["loaded"] = time.time()
     model = prepare_model(model, args, device, longest_row=_longest_row(train_set, args, plan["accumulation"]))
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
-    run_dir = new_run_dir(args.output_dir)
-    save_args(args, run_dir / "args.json")
-    log(f"run folder: {run_dir}")
+    if ckpt:
+        resume.restore(ckpt, model, optimizer, scheduler)
+        state.update(checkpoint=ckpt, data_fingerprint=fingerprint)
+        run_dir = resume.continue_in(ckpt, args.output_dir, state["global_step"])
+        if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
+            save_args(args, run_dir / "args.json")
+        log(f"resuming from {ckpt} at step {state['global_step']} of {plan['max_steps']}; run folder: {run_dir}")
+    else:
+        state = {"global_step": 0, "log_history": [], "data_fingerprint": fingerprint}
+        run_dir = new_run_dir(args.output_dir)
+        save_args(args, run_dir / "args.json")
+        log(f"run folder: {run_dir}")
     marks["ready"] = time.time()
 
-    last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, resolved.name, marks)
+    try:
+        last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device,
+                   resolved.name, marks, state)
+    except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
+        raise resume.write_failed(e, run_dir) from None
+    if last.get("stopped_by"):
+        log(f"stopped after step {last['step']} of {plan['max_steps']}; checkpoint: {last['checkpoint']}")
+        log(f"continue with: {resume.resume_command(last['checkpoint'])}")
+        return last["stopped_by"]
     log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
     print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
     return 0
@@ -179,89 +203,116 @@ def build_optimizer(model, args: SftArguments, max_steps: int):
 # The loop
 
 
-def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name, marks=None) -> dict:
+def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name,
+        marks=None, state=None) -> dict:
+    """Train from step state["global_step"] + 1 (0 for a new run) to max_steps."""
     import torch
     from tqdm import tqdm
 
     max_steps, accumulation = plan["max_steps"], plan["accumulation"]
-    windows = batch_windows(len(train_set), args.per_device_train_batch_size, accumulation, args.seed)
+    state = state or {"global_step": 0, "log_history": []}
+    done = state["global_step"]
+    windows = itertools.islice(  # a resumed run skips the windows it already trained on
+        batch_windows(len(train_set), args.per_device_train_batch_size, accumulation, args.seed), done, None)
     eval_steps = args.eval_steps or args.save_steps
     log_path = run_dir / "logging.jsonl"
-    history, pending = [], {"loss": [], "tokens": 0, "grad_norm": []}
-    last_ckpt = None
-    t0 = time.time()
-    bar = tqdm(total=max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+    history = state["log_history"]
+    pending = state.get("pending") or {"loss": [], "tokens": 0, "grad_norm": []}
+    last_ckpt = state.get("checkpoint")
+    nonfinite = NonFinite(args.max_nonfinite_steps)
+    t0 = time.time() - state.get("elapsed", 0.0)
+    bar = tqdm(total=max_steps, initial=done, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=os.environ.get("TUNESMITH_NO_PROGRESS") == "1")
     model.train()
-    for step in range(1, max_steps + 1):
-        epoch, window = next(windows)
-        samples = [train_set[i] for i in window]
-        n_target = sum(s.n_trained for s in samples)
+    with StopSignals() as stop:
+        for step in range(done + 1, max_steps + 1):
+            epoch, window = next(windows)
+            samples = [train_set[i] for i in window]
+            n_target = sum(s.n_trained for s in samples)
 
-        loss_sum = 0.0
-        for micro in micro_batches(samples, args, device):
-            loss = loss_of(model, micro) / n_target  # mean over the window's answer tokens
-            loss.backward()
-            loss_sum = loss_sum + loss.detach()
-        loss_sum = float(loss_sum)  # one host sync per optimizer step
-        grad_norm = _clip(model, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for micro in micro_batches(samples, args, device):
+                loss = nonfinite.poison(loss_of(model, micro) / n_target, step)  # mean over the window's answer tokens
+                loss.backward()
+                loss_sum = loss_sum + loss.detach()
+            loss_sum = float(loss_sum)  # one host sync per optimizer step
+            grad_norm = _clip(model, args.max_grad_norm)
+            good = nonfinite.ok(step, loss_sum, grad_norm)
+            if good:  # a NaN/inf step changes nothing; the schedule still moves on with the data
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not good:
+                _append_jsonl(log_path, {"skipped": "non-finite loss or gradient", "global_step/max_steps": f"{step}/{max_steps}"})
+                if nonfinite.gave_up:
+                    raise nonfinite.error(last_ckpt, args)
 
-        if step == 1 and marks:
-            _report_startup(marks, device)
-        pending["loss"].append(loss_sum)
-        pending["grad_norm"].append(grad_norm)
-        pending["tokens"] += sum(len(s.input_ids) for s in samples)
-        elapsed = time.time() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        tok_s=f"{pending['tokens'] / max(1e-9, elapsed - pending.get('since', 0)):.0f}")
+            if step == 1 and marks:
+                _report_startup(marks, device)
+            if good:
+                pending["loss"].append(loss_sum)
+                pending["grad_norm"].append(grad_norm)
+            pending["tokens"] += sum(len(s.input_ids) for s in samples)
+            elapsed = time.time() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            tok_s=f"{pending['tokens'] / max(1e-9, elapsed - pending.get('since', 0)):.0f}")
 
-        if step % args.logging_steps == 0 or step == 1 or step == max_steps:
-            entry = {
-                "loss": round(sum(pending["loss"]) / len(pending["loss"]), 6),
-                "grad_norm": round(sum(pending["grad_norm"]) / len(pending["grad_norm"]), 6),
-                "learning_rate": scheduler.get_last_lr()[0],
-                "epoch": round(step / plan["steps_per_epoch"], 4),
-                "global_step/max_steps": f"{step}/{max_steps}",
-                "percentage": f"{100 * step / max_steps:.2f}%",
-                "elapsed_time": _hms(elapsed),
-                "remaining_time": _hms(elapsed / step * (max_steps - step)),
-                "memory(GiB)": round(_memory_gib(device), 2),
-                "train_speed(s/it)": round(elapsed / step, 4),
-                "tokens/s": round(pending["tokens"] / max(1e-9, elapsed - pending.get("since", 0)), 1),
-            }
-            _append_jsonl(log_path, entry)
-            history.append({"step": step, "loss": entry["loss"]})
-            pending = {"loss": [], "tokens": 0, "grad_norm": [], "since": elapsed}
+            if (step % args.logging_steps == 0 or step == 1 or step == max_steps) and pending["loss"]:
+                entry = {
+                    "loss": round(sum(pending["loss"]) / len(pending["loss"]), 6),
+                    "grad_norm": round(sum(pending["grad_norm"]) / len(pending["grad_norm"]), 6),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "epoch": round(step / plan["steps_per_epoch"], 4),
+                    "global_step/max_steps": f"{step}/{max_steps}",
+                    "percentage": f"{100 * step / max_steps:.2f}%",
+                    "elapsed_time": _hms(elapsed),
+                    "remaining_time": _hms(elapsed / step * (max_steps - step)),
+                    "memory(GiB)": round(_memory_gib(device), 2),
+                    "train_speed(s/it)": round(elapsed / step, 4),
+                    "tokens/s": round(pending["tokens"] / max(1e-9, elapsed - pending.get("since", 0)), 1),
+                }
+                _append_jsonl(log_path, entry)
+                history.append({"step": step, "loss": entry["loss"]})
+                pending = {"loss": [], "tokens": 0, "grad_norm": [], "since": elapsed}
 
-        if val_set and (step % eval_steps == 0 or step == max_steps):
-            val_loss = evaluate(model, val_set, args, device)
-            _append_jsonl(log_path, {"eval_loss": round(val_loss, 6), "global_step/max_steps": f"{step}/{max_steps}",
-                                     "elapsed_time": _hms(time.time() - t0)})
-            history.append({"step": step, "eval_loss": val_loss})
-            bar.write(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}", file=sys.stderr)
+            if val_set and (step % eval_steps == 0 or step == max_steps):
+                val_loss = evaluate(model, val_set, args, device)
+                _append_jsonl(log_path, {"eval_loss": round(val_loss, 6), "global_step/max_steps": f"{step}/{max_steps}",
+                                         "elapsed_time": _hms(time.time() - t0)})
+                history.append({"step": step, "eval_loss": val_loss})
+                bar.write(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}", file=sys.stderr)
 
-        if step % args.save_steps == 0 or step == max_steps:
-            state = {"global_step": step, "max_steps": max_steps, "epoch": step / plan["steps_per_epoch"],
-                     "log_history": history, "base_model": model_name}
-            extra = {
-                "args.json": {**_args_dict(args), "_command": "SftArguments"},
-                "trainer_state.json": state,
-                "optimizer.pt": optimizer.state_dict(),
-                "scheduler.pt": scheduler.state_dict(),
-                "rng_state.pth": _rng_state(),
-            }
-            last_ckpt = save_checkpoint(run_dir, step, model, extra, args.save_total_limit)
-            bar.write(f"[tunesmith] saved {last_ckpt}", file=sys.stderr)
+            if (step % args.save_steps == 0 and good) or step == max_steps or stop.requested:
+                trainer_state = {"global_step": step, "max_steps": max_steps, "epoch": step / plan["steps_per_epoch"],
+                                 "log_history": history, "base_model": model_name, "pending": pending,
+                                 "elapsed": time.time() - t0, "data_fingerprint": state.get("data_fingerprint")}
+                files = _resume_files(args, trainer_state, optimizer, scheduler)
+                last_ckpt = save_checkpoint(run_dir, step, model, files, args.save_total_limit)
+                bar.write(f"[tunesmith] saved {last_ckpt}", file=sys.stderr)
+            if stop.requested and step < max_steps:
+                bar.close()
+                return {"checkpoint": last_ckpt, "step": step, "stopped_by": stop.exit_code}
     bar.close()
     runtime = time.time() - t0
     _append_jsonl(log_path, {"train_runtime": round(runtime, 2), "train_steps": max_steps,
                              "last_model_checkpoint": str(last_ckpt)})
-    plot_loss(history, run_dir / "images" / "train_loss.png")
+    try:
+        plot_loss(history, run_dir / "images" / "train_loss.png")
+    except OSError as e:  # the adapter is saved; a missing plot must not fail the run
+        log(f"could not write the loss plot ({e.strerror})")
     return {"checkpoint": last_ckpt, "train_runtime": runtime}
+
+
+def _resume_files(args, trainer_state: dict, optimizer, scheduler) -> dict:
+    """Everything besides the adapter that a checkpoint needs to continue exactly (resume.restore)."""
+    return {
+        "args.json": {**_args_dict(args), "_command": "SftArguments"},
+        "trainer_state.json": trainer_state,
+        "optimizer.pt": optimizer.state_dict(),
+        "scheduler.pt": scheduler.state_dict(),
+        "rng_state.pth": _rng_state(),
+    }
 
 
 def batch_windows(n: int, batch_size: int, accumulation: int, seed: int):
@@ -431,7 +482,9 @@ def _seed_everything(seed: int):
 def _rng_state() -> dict:
     import torch
 
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    import numpy as np
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
