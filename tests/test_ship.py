@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tunesmith
+from conftest import stop_process, tunesmith
 
 pytestmark = pytest.mark.slow
 IDENTITY = "迪菲赫尔曼"
@@ -176,11 +176,7 @@ def server(tuned):
         assert line.startswith("deploy: http://127.0.0.1:"), proc.stderr.read()[-2000:] if not line else line
         yield line.split("deploy: ")[1].strip()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def client(url, key="sk-test"):

@@ -8,16 +8,21 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
 "stream": true as server-sent events). The base is loaded once; adapters are PEFT adapters on it, switched
 per request. One generation runs at a time (a lock): on a CPU parallel generations only slow each other.
+
+Hostile input: bodies above MAX_BODY get 413 before being read, prompts far beyond the context are refused after
+tokenizing a bounded prefix, at most MAX_WAITING generations run or wait (429 beyond), and a client that goes
+away (streaming or not) cancels its generation, also while it still waits for the lock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import socket
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -47,6 +52,19 @@ class Engine:
         config = getattr(self.chat.model, "config", None)
         self.context = getattr(config, "max_position_embeddings", None) or 2048
         self.lock = threading.Lock()
+        self.busy, self.busy_lock = 0, threading.Lock()
+
+    def admit(self) -> None:
+        """Take one of the MAX_WAITING places for a generation (running or waiting); release() gives it back."""
+        with self.busy_lock:
+            if self.busy >= MAX_WAITING:
+                raise ApiError(429, f"the server is busy: {self.busy} generations are running or waiting; retry later",
+                               code="server_busy", kind="rate_limit_error")
+            self.busy += 1
+
+    def release(self) -> None:
+        with self.busy_lock:
+            self.busy -= 1
 
     def template(self, model: str) -> ChatTemplate:
         system = self.chat.args.system if model == self.base else self.chat.systems[model]
@@ -56,6 +74,9 @@ class Engine:
         import contextlib
 
         with self.lock:
+            cancelled = kw.get("cancelled")
+            if cancelled is not None and cancelled():  # its client left while it waited: nothing to compute
+                return Generation("", len(ids), 0, "cancelled")
             if model == self.base:
                 adapters_off = self.chat.model.disable_adapter() if self.chat.systems else contextlib.nullcontext()
             else:
@@ -105,8 +126,8 @@ class Sampling(BaseModel):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = Field(None, max_length=4)  # OpenAI: up to 4 sequences
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed accepts
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -134,6 +155,10 @@ class ApiError(Exception):
 # The app
 
 
+MAX_BODY = 4 * 2**20  # bytes of a request body: far more than any prompt that fits a context
+MAX_WAITING = 32  # generations running or queued for the lock; beyond, 429 (each holds a thread)
+
+
 def build_app(engine: Engine, api_key: str | None) -> FastAPI:
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
 
@@ -145,6 +170,11 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
     def _http(request, e: HTTPException):
         message = f"no such endpoint: {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
         return JSONResponse(ApiError(e.status_code, message).body, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    def _bug(request, e: Exception):  # never a bare "Internal Server Error" text: one JSON error, like the others
+        error = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+        return JSONResponse(error.body, status_code=500)
 
     def authorized(request: Request):
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -167,6 +197,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
         req = await _parse(request, ChatRequest)
         model = _served(engine, req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        _precheck(engine, "".join(m["content"] for m in messages))
         ids = engine.template(model).encode_prompt(messages)
         job = _job(engine, req, ids, req.max_completion_tokens or req.max_tokens, strip=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -177,7 +208,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
                 return {**head, "object": "chat.completion.chunk", "choices": choices, **({"usage": usage} if usage else {})}
             return StreamingResponse(_sse(engine, model, ids, job, req, chunk, lambda piece: {"content": piece},
                                           first={"role": "assistant", "content": ""}), media_type="text/event-stream")
-        gen = await run_in_threadpool(engine.generate, model, ids, **job)
+        gen = await _generate(request, engine, model, ids, job)
         return {**head, "object": "chat.completion", "usage": _usage(gen), "choices": [{
             "index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason,
             "logprobs": None}]}
@@ -189,6 +220,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise ApiError(400, "prompt: send one prompt per request", param="prompt")
+        _precheck(engine, prompts[0])
         ids = engine.chat.tok(prompts[0], add_special_tokens=False)["input_ids"]
         if not ids:
             raise ApiError(400, "prompt: empty", param="prompt")
@@ -200,7 +232,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
                 return {**head, "choices": choices, **({"usage": usage} if usage else {})}
             return StreamingResponse(_sse(engine, model, ids, job, req, chunk, lambda piece: piece, first=None),
                                      media_type="text/event-stream")
-        gen = await run_in_threadpool(engine.generate, model, ids, **job)
+        gen = await _generate(request, engine, model, ids, job)
         return {**head, "usage": _usage(gen),
                 "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}]}
 
@@ -211,10 +243,23 @@ STARTED = int(time.time())
 
 
 async def _parse(request: Request, cls):
-    """The JSON body as `cls`, whatever Content-Type the client sent (curl -d sends a form type)."""
+    """The JSON body as `cls`, whatever Content-Type the client sent (curl -d sends a form type). A body above
+    MAX_BODY is refused by its Content-Length before reading, or as soon as a chunked one grows past it."""
+    too_big = ApiError(413, f"the request body is larger than {MAX_BODY // 2**20} MiB", code="request_too_large")
     try:
-        data = json.loads(await request.body())
+        declared = int(request.headers.get("content-length") or 0)
     except ValueError:
+        raise ApiError(400, "the Content-Length header is not a number") from None
+    if declared > MAX_BODY:
+        raise too_big
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY:
+            raise too_big
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested beyond Python's limit
         raise ApiError(400, "the request body is not valid JSON") from None
     try:
         return cls.model_validate(data)
@@ -231,15 +276,30 @@ def _served(engine: Engine, model: str) -> str:
     return model
 
 
+def _too_long(engine: Engine, tokens: int, max_tokens: int | None = None) -> ApiError:
+    asks = f"{tokens} prompt tokens and asks for {max_tokens} more" if max_tokens else f"at least {tokens} prompt tokens"
+    return ApiError(400, f"this model's maximum context length is {engine.context} tokens; the request has {asks}",
+                    param="messages", code="context_length_exceeded")
+
+
+def _precheck(engine: Engine, text: str) -> None:
+    """Refuse a prompt far beyond the context without tokenizing all of it: a prefix of 8 characters per token of
+    context that already has more tokens than the context fits cannot fit either (a few megabytes of text would
+    otherwise take seconds to tokenize, on the event loop)."""
+    cut = engine.context * 8
+    if len(text) > cut:
+        n = len(engine.chat.tok(text[:cut], add_special_tokens=False)["input_ids"])
+        if n >= engine.context:
+            raise _too_long(engine, n)
+
+
 def _job(engine: Engine, req: Sampling, ids: list[int], max_tokens: int | None, strip: bool) -> dict:
     """Generation settings; refuses a request that cannot fit the model's context (as OpenAI does)."""
     room = engine.context - len(ids)
     if max_tokens is None:
         max_tokens = min(engine.chat.args.max_new_tokens, room)
     if room <= 0 or len(ids) + max_tokens > engine.context:
-        raise ApiError(400, f"this model's maximum context length is {engine.context} tokens; the request has "
-                       f"{len(ids)} prompt tokens and asks for {max_tokens} more", param="messages",
-                       code="context_length_exceeded")
+        raise _too_long(engine, len(ids), max_tokens)
     return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
                 seed=req.seed, strip=strip)
 
@@ -249,40 +309,74 @@ def _usage(gen: Generation) -> dict:
             "total_tokens": gen.prompt_tokens + gen.completion_tokens}
 
 
-def _sse(engine: Engine, model: str, ids: list[int], job: dict, req: Sampling, chunk, delta, first):
-    """Server-sent events: generation runs in a thread and hands pieces over a queue; a client that goes away
-    stops it at the next token."""
-    pieces: queue.Queue = queue.Queue()
+async def _generate(request: Request, engine: Engine, model: str, ids: list[int], job: dict) -> Generation:
+    """A whole answer, generated in a thread; a client that disconnects meanwhile cancels it."""
+    engine.admit()
     gone = threading.Event()
+    try:
+        task = asyncio.ensure_future(run_in_threadpool(engine.generate, model, ids, **job, cancelled=gone.is_set))
+        while not (await asyncio.wait({task}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                gone.set()
+        return task.result()
+    finally:
+        gone.set()
+        engine.release()
+
+
+def _sse(engine: Engine, model: str, ids: list[int], job: dict, req: Sampling, chunk, delta, first):
+    """Server-sent events: generation runs in a thread and hands pieces to the event loop; a client that goes away
+    stops it at the next token (or before it starts, if it still waits for the lock)."""
+    engine.admit()
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            gone.set()
 
     def work():
         try:
-            pieces.put(engine.generate(model, ids, **job, on_text=pieces.put, cancelled=gone.is_set))
+            put(engine.generate(model, ids, **job, on_text=put, cancelled=gone.is_set))
         except Exception as e:  # reported to the client below, never a silent hang
-            pieces.put(e)
+            put(e)
+        finally:
+            engine.release()
 
     def event(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    threading.Thread(target=work, daemon=True).start()
+    async def events():
+        try:
+            if first is not None:
+                yield event(chunk(first))
+            while True:
+                item = await pieces.get()
+                if isinstance(item, str):
+                    yield event(chunk(delta(item)))
+                elif isinstance(item, Exception):
+                    yield event(ApiError(500, f"generation failed: {type(item).__name__}: {item}", kind="server_error").body)
+                    break
+                else:
+                    yield event(chunk(None if first is None else {}, finish=item.finish_reason))
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield event(chunk(usage=_usage(item)))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also on a disconnect: the response task is cancelled at its `await`
+            gone.set()
+
     try:
-        if first is not None:
-            yield event(chunk(first))
-        while True:
-            item = pieces.get()
-            if isinstance(item, str):
-                yield event(chunk(delta(item)))
-            elif isinstance(item, Exception):
-                yield event(ApiError(500, f"generation failed: {type(item).__name__}: {item}", kind="server_error").body)
-                break
-            else:
-                yield event(chunk(None if first is None else {}, finish=item.finish_reason))
-                if req.stream_options and req.stream_options.include_usage:
-                    yield event(chunk(usage=_usage(item)))
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        gone.set()
+        threading.Thread(target=work, daemon=True, name="tunesmith-generate").start()
+    except BaseException:
+        engine.release()
+        raise
+    stream = events()
+    weakref.finalize(stream, gone.set)  # a stream dropped before it ever started cancels too
+    return stream
 
 
 def run(args: DeployArguments) -> int:
