@@ -281,9 +281,13 @@ def normalize_dtype(name: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
 
 
+def args_dict(args) -> dict:
+    """What args.json holds: every field, plus which command's arguments they are."""
+    return {**dataclasses.asdict(args), "_command": type(args).__name__}
+
+
 def save_args(args, path: Path) -> None:
-    data = dataclasses.asdict(args)
-    data["_command"] = type(args).__name__
+    data = args_dict(args)
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)

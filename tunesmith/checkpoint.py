@@ -25,14 +25,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
 
 
-def new_run_dir(output_dir: str) -> Path:
-    root = Path(output_dir)
+def writable_dir(path, flag: str = "--output_dir") -> Path:
+    """`path` created if needed and writable, or one clear error naming the flag."""
+    folder = Path(path)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--output_dir {output_dir}: cannot create it ({e.strerror})") from None
-    if not os.access(root, os.W_OK):
-        raise UserError(f"--output_dir {output_dir}: not writable")
+        raise UserError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: not writable")
+    return folder
+
+
+def new_run_dir(output_dir: str) -> Path:
+    root = writable_dir(output_dir)
     versions = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"v(\d+)-", p.name))]
     n = max(versions, default=-1) + 1
     while True:  # two runs started in the same second must not share a folder

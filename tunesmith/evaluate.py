@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .args import EvalArguments
+from .checkpoint import writable_dir
 from .errors import UserError
 from .infer import load_chat
 from .models import log
@@ -136,14 +137,7 @@ def to_markdown(rows: list[dict], summary: dict) -> str:
 
 def _out_dir(args: EvalArguments) -> Path:
     ckpt = Path(args.adapters[0])
-    out = Path(args.output_dir) if args.output_dir else ckpt.parent / f"{ckpt.name}-eval"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output_dir {out}: cannot create it ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--output_dir {out}: not writable")
-    return out
+    return writable_dir(Path(args.output_dir) if args.output_dir else ckpt.parent / f"{ckpt.name}-eval")
 
 
 def _write(path: Path, text: str) -> None:

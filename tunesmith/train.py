@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import fast, resume
-from .args import SftArguments, save_args
+from .args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import check_local
 from .errors import UserError
@@ -307,7 +307,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
 def _resume_files(args, trainer_state: dict, optimizer, scheduler) -> dict:
     """Everything besides the adapter that a checkpoint needs to continue exactly (resume.restore)."""
     return {
-        "args.json": {**_args_dict(args), "_command": "SftArguments"},
+        "args.json": args_dict(args),
         "trainer_state.json": trainer_state,
         "optimizer.pt": optimizer.state_dict(),
         "scheduler.pt": scheduler.state_dict(),
@@ -498,12 +498,6 @@ def _memory_gib(device: str) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def _args_dict(args) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(args)
 
 
 def _append_jsonl(path: Path, entry: dict) -> None:
