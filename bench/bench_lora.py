@@ -9,9 +9,11 @@ without loss, answer with loss) packed to --seq tokens. Every engine sees the sa
 Engines
   hf_gc      transformers + PEFT, gradient checkpointing, full-logits loss (the ms-swift default)
   hf         the same without checkpointing
-  ts_*       tunesmith: packed per-sample attention, Liger kernels when installed, loss only at
-             answer positions through a chunked linear+cross-entropy; *_gc1 / _gc05 / _gc0 = share
-             of layers with activation checkpointing
+  ts_*       tunesmith: packed per-sample attention, Liger kernels when installed, lean LoRA
+             projections, loss only at answer positions through a fused linear+cross-entropy;
+             *_gc1 / _gc05 / _gc0 = share of layers with activation checkpointing; ts_fit = the
+             share tunesmith plans so that its peak memory stays within hf_gc's measured peak
+  tsplain_*  tunesmith with PEFT's own LoRA layers (--lean_lora false), to show what lean LoRA gives
 Also: per-step loss of tunesmith vs hf over 20 steps (dropout 0, same adapter init, same data),
 the longest trainable sequence, and the guide's run (8 records x 10 epochs, accumulation 16).
 """
@@ -91,9 +93,11 @@ def lora_args(**kw) -> SftArguments:
 class Engine:
     """Wraps the shared base model with LoRA for one engine; unwrap() restores the base."""
 
-    def __init__(self, base, kind: str, share: float = 1.0, dropout: float = 0.05, max_length: int = 2048):
+    def __init__(self, base, kind: str, share: float | None = 1.0, dropout: float = 0.05, max_length: int = 2048,
+                 budget: int | None = None):
         self.kind = kind
-        args = lora_args(dropout=dropout, max_length=max_length, gradient_checkpointing=share)
+        args = lora_args(dropout=dropout, max_length=max_length, gradient_checkpointing=share,
+                         lean_lora=kind != "tsplain")
         torch.manual_seed(1234)  # the same adapter init for every engine
         if kind.startswith("hf"):
             base.set_attn_implementation("sdpa")
@@ -102,7 +106,7 @@ class Engine:
                 self.model.gradient_checkpointing_enable()
                 self.model.enable_input_require_grads()
         else:
-            self.model = prepare_model(base, args, "cuda")
+            self.model = prepare_model(base, args, "cuda", longest_row=max_length, memory_budget=budget)
         self.args = args
         self.optimizer, self.scheduler = build_optimizer(self.model, args, 1000)
         self.model.train()
@@ -174,7 +178,7 @@ def main():
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--engines", default="hf_gc,hf,ts_gc1,ts_gc05,ts_gc0")
+    ap.add_argument("--engines", default="hf_gc,hf,ts_fit,ts_gc1,ts_gc0,tsplain_gc0")
     ap.add_argument("--long", default="", help="comma list of lengths to probe for ts (hf probes the first half)")
     ap.add_argument("--skip_loss_check", action="store_true")
     ap.add_argument("--skip_guide", action="store_true")
@@ -201,7 +205,7 @@ def main():
     print(f"model: {n_params / 1e9:.2f} B params, built in {time.time() - t0:.0f} s", flush=True)
     batches = [chat_samples(a.seq, seed=i) for i in range(a.steps + 3)]
     results = {"info": info, "seq": a.seq, "engines": {}}
-    shares = {"gc1": 1.0, "gc05": 0.5, "gc025": 0.25, "gc0": 0.0}
+    shares = {"gc1": 1.0, "gc05": 0.5, "gc025": 0.25, "gc0": 0.0, "fit": None}
     engines = a.engines.split(",")
     check = [chat_samples(a.seq, seed=100 + i) for i in range(20)]
     guide = [chat_samples(45, seed=1000 + i, mean_len=45)[0] for i in range(8)]
@@ -212,10 +216,19 @@ def main():
         kind, share = name.split("_")[0], shares.get(name.split("_")[-1], 1.0)
         if name == "hf":
             share = 0.0
-        engine = Engine(base, kind, share)
+        static = torch.cuda.memory_allocated()
+        budget = None
+        if share is None:  # ts_fit: no more memory than the baseline with checkpointing
+            budget = int(results["engines"]["hf_gc"]["peak_alloc_gib"] * GiB)
+        engine = Engine(base, kind, share, budget=budget)
         s, alloc, reserved = timed(engine, batches)
-        results["engines"][name] = {"s_per_step": s, "tokens_per_s": a.seq / s, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved}
-        print(f"{name:10s} {s:.4f} s/step {a.seq / s:8.0f} tok/s  peak {alloc:.1f} GiB alloc / {reserved:.1f} reserved", flush=True)
+        layers = [m for m in engine.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        n_ckpt = sum(hasattr(m, "_tunesmith_plain_forward") for m in layers)
+        results["engines"][name] = {"s_per_step": s, "tokens_per_s": a.seq / s, "peak_alloc_gib": alloc,
+                                    "peak_reserved_gib": reserved, "checkpointed_layers": n_ckpt,
+                                    "activation_gib": alloc - static / GiB}
+        print(f"{name:10s} {s:.4f} s/step {a.seq / s:8.0f} tok/s  peak {alloc:.2f} GiB alloc / {reserved:.1f} reserved, "
+              f"{alloc - static / GiB:.2f} GiB above the base weights, {n_ckpt} layers checkpointed", flush=True)
         engine.unwrap(base)
 
     def loss_run(kind):
@@ -277,6 +290,7 @@ def main():
         measure(name)
     if a.profile:
         profile("ts_gc0")
+        profile("tsplain_gc0")
     if losses_hf is not None:
         losses_ts = loss_run("ts")
         rel = [abs(x - y) / abs(y) for x, y in zip(losses_ts, losses_hf)]

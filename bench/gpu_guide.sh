@@ -6,7 +6,7 @@ set -uo pipefail
 REPO=$(pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 TUNESMITH_NO_PROGRESS=1 HF_HUB_OFFLINE=1 TUNESMITH_HOME=/tmp/tshome
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-pip install --no-deps -q .device/wheels/*.whl 2>&1 | tail -1
+python3 -m pip install --no-deps -q .device/wheels/*.whl 2>&1 | tail -1
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
 W=/tmp/guide; mkdir -p $W; cp examples/self_cognition.json $W/
 [ -d $W/Qwen2.5-7B-Instruct ] || python3 bench/make_qwen7b.py $W/Qwen2.5-7B-Instruct --tokenizer .device/tokenizer

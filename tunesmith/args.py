@@ -129,6 +129,9 @@ class SftArguments(DataArguments):
         "(0.5 = every other layer); default: true on CUDA, false on CPU", type_hint="bool_or_float",
     )
     use_liger: bool = arg(True, "use Liger's fused kernels on CUDA when liger-kernel is installed")
+    lean_lora: bool = arg(
+        True, "run LoRA projections as one autograd function each (no stored dropout copies, fewer kernels)"
+    )
     packing_window: bool = arg(
         True, "run each accumulation window as one padding-free packed batch (same update, much faster)"
     )

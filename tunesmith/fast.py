@@ -106,7 +106,8 @@ def mixed_precision(model, dtype, device):
 
 def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
     """sum of CE(head(hidden), targets). Above `chunk` rows the logits are made and dropped one chunk
-    at a time and recomputed in backward: memory for one chunk of logits instead of all of them."""
+    at a time and recomputed in backward: memory for one chunk of logits instead of all of them.
+    The general path (a head with trainable parameters); `linear_cross_entropy` is the fast one."""
     from torch.utils.checkpoint import checkpoint
 
     def part(h, t):
@@ -120,7 +121,47 @@ def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
     return total
 
 
-def apply_liger(model) -> list[str]:
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum of CE(hidden W^T, targets) for a frozen W. The gradient of `hidden` is worked out in the
+    same pass over each chunk of logits (softmax - one-hot, times W), so backward only scales it:
+    no [rows, vocab] tensor outlives its chunk and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if want_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, hidden.shape[0], rows):
+                h, t = hidden[i:i + rows].to(weight.dtype), targets[i:i + rows]
+                logits = (h @ weight.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if want_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                    grad[i:i + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                del logits
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None
+
+
+def linear_cross_entropy(hidden, head, targets, budget_bytes: int = 2**28):
+    """sum of CE(head(hidden), targets). A plain frozen linear head takes the fused path, with
+    float32 logits for at most `budget_bytes` at a time; anything else the chunked autograd one."""
+    plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    if not plain:
+        return chunked_cross_entropy(hidden, head, targets)
+    rows = max(64, budget_bytes // (4 * head.weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, head.weight, targets, rows)
+
+
+def apply_liger(model, swiglu: bool = True) -> list[str]:
     """Liger's fused RMSNorm/SwiGLU/RoPE for the model's architecture; [] when not available."""
     try:
         import liger_kernel.transformers as lk
@@ -131,23 +172,25 @@ def apply_liger(model) -> list[str]:
     if patch is None:
         return []
     try:
-        patch(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+        patch(model=model, rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False)
     except Exception as e:  # an unsupported combination: stay on the plain path
         from .models import log
 
         log(f"Liger kernels not applied ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return []
-    return ["rms_norm", "swiglu", "rope"]
+    return ["rms_norm", "rope"] + (["swiglu"] if swiglu else [])
 
 
-# Bytes of saved activations per token per layer, in units of hidden_size x element size; measured
-# on the Qwen2.5-7B architecture on an H100 (bench/RESULTS.md): with Liger kernels and without.
-ACTIVATION_WIDTH = {True: 36, False: 52}
+# Bytes of saved activations per token per layer, in units of hidden_size x element size, by
+# (Liger kernels, lean LoRA); measured on the Qwen2.5-7B architecture on an H100 (bench/RESULTS.md).
+ACTIVATION_WIDTH = {(True, True): 18, (False, True): 28, (True, False): 36, (False, False): 52}
+MARGIN_WIDTH = 6  # gradients in flight between layers, residual sums: a few more hidden-wide tensors
 
 
-def plan_checkpointing(model, tokens: int | None, liger: bool) -> float:
+def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = False, budget: int | None = None) -> float:
     """The smallest share of layers to checkpoint so that the activations of the largest forward
-    pass fit in 85% of the free GPU memory (checkpointing costs a second forward of those layers)."""
+    pass fit: in `budget` bytes of GPU memory in all, or else in 85% of what is free now
+    (checkpointing costs a second forward of those layers)."""
     from .models import log
 
     if not tokens or not torch.cuda.is_available():
@@ -155,15 +198,20 @@ def plan_checkpointing(model, tokens: int | None, liger: bool) -> float:
     cfg = model.config
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     elt = next(model.parameters()).element_size()
-    full = ACTIVATION_WIDTH[liger] * hidden * elt * tokens  # one layer, nothing recomputed
+    full = ACTIVATION_WIDTH[(liger, lean)] * hidden * elt * tokens  # one layer, nothing recomputed
     kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
-    free = torch.cuda.mem_get_info()[0] * 0.85
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fixed = 12 * trainable + 2**28 * 2 + MARGIN_WIDTH * hidden * elt * tokens  # grads + AdamW states, loss chunk
+    if budget is None:
+        free = torch.cuda.mem_get_info()[0] * 0.85 - fixed
+    else:
+        free = budget - torch.cuda.memory_allocated() - fixed
     for k in range(layers + 1):  # k checkpointed layers; one layer's full activations during recompute
         need = (layers - k) * full + k * kept + (full if k else 0)
         if need <= free:
             share = k / layers
             log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
-                f"checkpointed ({free / 2**30:.0f} GiB usable)")
+                f"checkpointed ({free / 2**30:.1f} GiB usable)")
             return share
     return 1.0
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import fast, resume
+from . import fast, lean_lora, resume
 from .args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import check_local
@@ -129,19 +129,26 @@ def run_plan(args: SftArguments, n_samples: int) -> dict:
     return {"accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "messages": msgs}
 
 
-def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None):
+def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None,
+                  memory_budget: int | None = None):
     """Fast-path switches (see fast.py), LoRA, and activation checkpointing where memory needs it."""
     notes = []
     if args.packing_window:
         fast.use_document_attention(model)
         notes.append("packed windows with per-sample attention")
     if device.startswith("cuda") and args.use_liger:
-        kernels = fast.apply_liger(model)
+        kernels = fast.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
     model = add_lora(model, args)
+    lean = False
+    if args.lean_lora:
+        n = lean_lora.use_lean_lora(model)
+        notes += [f"lean LoRA on {n} projections"] if n else []
+        lean = n > 0
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
-        share = fast.plan_checkpointing(model, longest_row, liger=any("Liger" in n for n in notes)) if device.startswith("cuda") else 0.0
+        liger = any("Liger" in n for n in notes)
+        share = fast.plan_checkpointing(model, longest_row, liger, lean, memory_budget) if device.startswith("cuda") else 0.0
     n = fast.checkpoint_layers(model, float(share))
     notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
     log("fast path: " + ", ".join(notes))
@@ -183,6 +190,7 @@ def build_optimizer(model, args: SftArguments, max_steps: int):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=all(p.is_cuda for p in decay + no_decay) or None,  # one kernel for all parameters on CUDA
     )
     warmup = math.ceil(args.warmup_ratio * max_steps)
 
@@ -393,7 +401,7 @@ def loss_of(model, batch) -> "torch.Tensor":
                                  position_ids=batch["position_ids"], use_cache=False, **extra)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         hidden = hidden.index_select(0, batch["loss_positions"])
-        return fast.chunked_cross_entropy(hidden, base.get_output_embeddings(), batch["loss_targets"])
+        return fast.linear_cross_entropy(hidden, base.get_output_embeddings(), batch["loss_targets"])
 
 
 def evaluate(model, val_set: list[Encoded], args: SftArguments, device: str) -> float:

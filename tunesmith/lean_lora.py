@@ -1,0 +1,190 @@
+"""Lean LoRA layers: the same maths as PEFT's LoRA Linear, in one autograd function per projection.
+
+PEFT's `lora.Linear` runs six modules and a dozen small ops per projection and, with dropout,
+keeps a dropped copy of its input for every projection (three for q/k/v, two for gate/up). Here:
+
+    y = x W^T + b + s * (drop(x) A^T) B^T           one autograd node, three matmuls forward
+
+- Nothing but `x` (shared by q/k/v and by gate/up: autograd stores one tensor once) and the
+  r-wide `x A^T` is kept for backward. The dropout mask is never stored: it is drawn from a seed
+  taken from torch's CPU generator (which activation checkpointing restores, so a recomputed
+  forward draws the same mask) and drawn again in backward.
+- The MLP's down projection takes `gate` and `up` and computes `silu(gate) * up` itself, keeping
+  only gate and up: the [tokens, intermediate] product is recomputed in backward, never stored.
+- The adapter's parameters stay PEFT's (`lora_A`/`lora_B` float32 masters), so checkpoints are
+  ordinary PEFT adapters; matmuls run in the base model's dtype, as autocast would run them.
+
+`use_lean_lora(model)` swaps the forward of every plain LoRA Linear (one adapter, no DoRA, an
+nn.Linear base) and of every gated MLP; anything else keeps PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The dropout mask for `seed`, scaled by 1/(1-p); the same tensor every time it is asked for."""
+    gen = _generators.get(like.device)
+    if gen is None:
+        gen = _generators[like.device] = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+
+
+def _new_seed() -> int:
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def _lora_forward(x2, weight, bias, a, b, scale, p, seed):
+    """[n, in] -> [n, out] and the r-wide x A^T that backward needs."""
+    dropped = x2 * _keep_mask(x2, p, seed) if p > 0 else x2
+    y = F.linear(x2, weight, bias)
+    h = dropped @ a.t()
+    y.addmm_(h, b.t(), alpha=scale)
+    return y, h
+
+
+def _lora_backward(ctx, g2, x2, h, weight, a, b, need_x: bool, need_a: bool, need_b: bool):
+    """Gradients of x, A and B (those asked for) for the output gradient g2 [n, out]."""
+    scale, p, seed = ctx.scale, ctx.p, ctx.seed
+    gb = (g2 @ b) * scale  # [n, r]
+    grad_a = grad_b = grad_x = None
+    if need_a:
+        dropped = x2 * _keep_mask(x2, p, seed) if p > 0 else x2
+        grad_a = (gb.t() @ dropped).to(ctx.a_dtype)
+    if need_b:
+        grad_b = ((g2.t() @ h) * scale).to(ctx.b_dtype)
+    if need_x:
+        lora = gb @ a
+        if p > 0:
+            lora = lora * _keep_mask(x2, p, seed)
+        grad_x = (g2 @ weight).add_(lora)
+    return grad_x, grad_a, grad_b
+
+
+class LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale, p, seed):
+        dtype = weight.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y, h = _lora_forward(x2, weight, None if bias is None else bias.to(dtype), a_c, b_c, scale, p, seed)
+        ctx.save_for_backward(x2, h, weight, a_c, b_c)
+        ctx.scale, ctx.p, ctx.seed, ctx.a_dtype, ctx.b_dtype = scale, p, seed, a.dtype, b.dtype
+        ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, weight, a_c, b_c = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        with torch.autocast(g2.device.type, enabled=False):
+            need = ctx.needs_input_grad
+            grad_x, grad_a, grad_b = _lora_backward(ctx, g2, x2, h, weight, a_c, b_c, need[0], need[3], need[4])
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+class SwigluLoraDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up) with LoRA; keeps gate and up, recomputes their product."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, a, b, scale, p, seed):
+        dtype = weight.dtype
+        shape = gate.shape
+        g2, u2 = gate.reshape(-1, shape[-1]).to(dtype), up.reshape(-1, shape[-1]).to(dtype)
+        a_c, b_c = a.to(dtype), b.to(dtype)
+        with torch.autocast(gate.device.type, enabled=False):
+            c = F.silu(g2) * u2
+            y, h = _lora_forward(c, weight, None if bias is None else bias.to(dtype), a_c, b_c, scale, p, seed)
+        del c
+        ctx.save_for_backward(g2, u2, h, weight, a_c, b_c)
+        ctx.scale, ctx.p, ctx.seed, ctx.a_dtype, ctx.b_dtype = scale, p, seed, a.dtype, b.dtype
+        ctx.shape, ctx.in_dtype = shape, gate.dtype
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        g2, u2, h, weight, a_c, b_c = ctx.saved_tensors
+        gy = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        with torch.autocast(gy.device.type, enabled=False):
+            sig = torch.sigmoid(g2)
+            silu = g2 * sig
+            c = silu * u2
+            need = ctx.needs_input_grad
+            grad_c, grad_a, grad_b = _lora_backward(ctx, gy, c, h, weight, a_c, b_c, True, need[4], need[5])
+            del c
+            grad_up = grad_c * silu
+            grad_gate = grad_c.mul_(u2).mul_(sig * (1 + g2 * (1 - sig)))
+        shape, dtype = ctx.shape, ctx.in_dtype
+        return (grad_gate.view(shape).to(dtype), grad_up.view(shape).to(dtype), None, None, grad_a, grad_b,
+                None, None, None)
+
+
+def _parts(module):
+    """(weight, bias, A, B, scale, p) of a plain single-adapter LoRA Linear, or None."""
+    if getattr(module, "disable_adapters", True) or getattr(module, "merged", True):
+        return None
+    active = getattr(module, "active_adapters", [])
+    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}) or not hasattr(module, "lora_A"):
+        return None
+    name = active[0]
+    base = module.base_layer
+    if type(base) is not torch.nn.Linear or name not in module.lora_A:
+        return None
+    dropout = module.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    if not module.training:
+        p = 0.0
+    return base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p
+
+
+def lora_linear(module, x):
+    parts = _parts(module)
+    if parts is None:
+        return module._tunesmith_peft_forward(x)
+    weight, bias, a, b, scale, p = parts
+    return LoraLinear.apply(x, weight, bias, a, b, float(scale), p, _new_seed() if p > 0 else 0)
+
+
+def gated_mlp(mlp, x):
+    if not all(_is_lora_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+        return mlp._tunesmith_plain_mlp(x)  # the adapter was unloaded
+    gate, up = lora_linear(mlp.gate_proj, x), lora_linear(mlp.up_proj, x)
+    parts = _parts(mlp.down_proj)
+    if parts is None:
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    weight, bias, a, b, scale, p = parts
+    return SwigluLoraDown.apply(gate, up, weight, bias, a, b, float(scale), p, _new_seed() if p > 0 else 0)
+
+
+def _is_lora_linear(module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and type(module.base_layer) is torch.nn.Linear
+
+
+def use_lean_lora(model) -> int:
+    """Swap in the lean forwards; returns how many LoRA projections now use them."""
+    count = 0
+    for module in model.modules():
+        if _is_lora_linear(module) and not hasattr(module, "_tunesmith_peft_forward"):
+            module._tunesmith_peft_forward = module.forward
+            module.forward = lambda x, *args, _m=module, **kwargs: (
+                lora_linear(_m, x) if not args and not kwargs else _m._tunesmith_peft_forward(x, *args, **kwargs))
+            count += 1
+    for module in model.modules():
+        is_gated = all(_is_lora_linear(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+        silu = type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+        if is_gated and silu and not getattr(module.forward, "_tunesmith_lean", False):
+            module._tunesmith_plain_mlp = module.forward  # (whatever it is now: HF's, or a kernel library's)
+            module.forward = functools.partial(gated_mlp, module)
+            module.forward._tunesmith_lean = True
+    return count
