@@ -182,7 +182,8 @@ def main():
     ap.add_argument("--long", default="", help="comma list of lengths to probe for ts (hf probes the first half)")
     ap.add_argument("--skip_loss_check", action="store_true")
     ap.add_argument("--skip_guide", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print a kernel profile of one hf and one ts step")
+    ap.add_argument("--profile", nargs="?", const="hf_gc0,ts_gc0,tsplain_gc0", default="",
+                    help="print kernel and host profiles of one step of these engines")
     ap.add_argument("--out", default="bench_lora.json")
     a = ap.parse_args()
     import transformers
@@ -271,12 +272,27 @@ def main():
             torch.cuda.synchronize()
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
         print(f"--- profile of one {name} step ---\n{table}", flush=True)
+        table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        print(f"--- host time of one {name} step, by operator ---\n{table}", flush=True)
+        import cProfile
+        import io
+        import pstats
+
+        host = cProfile.Profile()
+        host.enable()
+        engine.step(batches[3])
+        torch.cuda.synchronize()
+        host.disable()
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(30)
+        print(f"--- Python functions of one {name} step (cProfile, by own time) ---\n{text.getvalue()[-6000:]}", flush=True)
         engine.unwrap(base)
 
     # Phase 1, plain transformers + PEFT (before tunesmith's kernels patch the model's modules).
     for name in [e for e in engines if e.startswith("hf")]:
         measure(name)
-    if a.profile:
+    profiled = a.profile.split(",") if a.profile else []
+    if "hf_gc0" in profiled:
         profile("hf_gc0")
     losses_hf = None if a.skip_loss_check else loss_run("hf")
     guide_hf = None if a.skip_guide else guide_run("hf_gc")
@@ -288,9 +304,8 @@ def main():
     # Phase 2, tunesmith.
     for name in [e for e in engines if e.startswith("ts")]:
         measure(name)
-    if a.profile:
-        profile("ts_gc0")
-        profile("tsplain_gc0")
+    for name in [n for n in profiled if n.startswith("ts")]:
+        profile(name)
     if losses_hf is not None:
         losses_ts = loss_run("ts")
         rel = [abs(x - y) / abs(y) for x, y in zip(losses_ts, losses_hf)]

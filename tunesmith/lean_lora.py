@@ -25,6 +25,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 _generators: dict[torch.device, torch.Generator] = {}
 
 
@@ -37,34 +39,54 @@ def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
 
 
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and kernels.available()
+
+
+def _dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """dropout(t) with the mask of `seed` (t itself when p is 0)."""
+    if p == 0:
+        return t
+    if _triton(t):
+        return kernels.dropout(t, p, seed)
+    return t * _keep_mask(t, p, seed)
+
+
+def _add_dropout(out: torch.Tensor, t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """out += dropout(t), in place, with the mask of `seed`."""
+    if p == 0:
+        return out.add_(t)
+    if _triton(t):
+        return kernels.dropout(t, p, seed, add_to=out)
+    return out.add_(t * _keep_mask(t, p, seed))
+
+
 def _new_seed() -> int:
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return int(torch.randint(0, 2**31 - 2**20, (), dtype=torch.int64))
 
 
-def _lora_forward(x2, weight, bias, a, b, scale, p, seed):
-    """[n, in] -> [n, out] and the r-wide x A^T that backward needs."""
-    dropped = x2 * _keep_mask(x2, p, seed) if p > 0 else x2
+def _lora_forward(x2, dropped, weight, bias, a, b, scale):
+    """[n, in] -> [n, out] and the r-wide dropout(x) A^T that backward needs."""
     y = F.linear(x2, weight, bias)
     h = dropped @ a.t()
     y.addmm_(h, b.t(), alpha=scale)
     return y, h
 
 
-def _lora_backward(ctx, g2, x2, h, weight, a, b, need_x: bool, need_a: bool, need_b: bool):
+def _lora_backward(ctx, g2, x2, h, weight, a, b, need_x: bool, need_a: bool, need_b: bool, dropped=None):
     """Gradients of x, A and B (those asked for) for the output gradient g2 [n, out]."""
     scale, p, seed = ctx.scale, ctx.p, ctx.seed
     gb = (g2 @ b) * scale  # [n, r]
     grad_a = grad_b = grad_x = None
     if need_a:
-        dropped = x2 * _keep_mask(x2, p, seed) if p > 0 else x2
+        if dropped is None:
+            dropped = _dropout(x2, p, seed)
         grad_a = (gb.t() @ dropped).to(ctx.a_dtype)
+        del dropped
     if need_b:
         grad_b = ((g2.t() @ h) * scale).to(ctx.b_dtype)
     if need_x:
-        lora = gb @ a
-        if p > 0:
-            lora = lora * _keep_mask(x2, p, seed)
-        grad_x = (g2 @ weight).add_(lora)
+        grad_x = _add_dropout(g2 @ weight, gb @ a, p, seed)
     return grad_x, grad_a, grad_b
 
 
@@ -76,7 +98,8 @@ class LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         a_c, b_c = a.to(dtype), b.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y, h = _lora_forward(x2, weight, None if bias is None else bias.to(dtype), a_c, b_c, scale, p, seed)
+            bias = None if bias is None else bias.to(dtype)
+            y, h = _lora_forward(x2, _dropout(x2, p, seed), weight, bias, a_c, b_c, scale)
         ctx.save_for_backward(x2, h, weight, a_c, b_c)
         ctx.scale, ctx.p, ctx.seed, ctx.a_dtype, ctx.b_dtype = scale, p, seed, a.dtype, b.dtype
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
@@ -104,9 +127,10 @@ class SwigluLoraDown(torch.autograd.Function):
         g2, u2 = gate.reshape(-1, shape[-1]).to(dtype), up.reshape(-1, shape[-1]).to(dtype)
         a_c, b_c = a.to(dtype), b.to(dtype)
         with torch.autocast(gate.device.type, enabled=False):
-            c = F.silu(g2) * u2
-            y, h = _lora_forward(c, weight, None if bias is None else bias.to(dtype), a_c, b_c, scale, p, seed)
-        del c
+            c, dropped = _swiglu(g2, u2, p, seed)
+            bias = None if bias is None else bias.to(dtype)
+            y, h = _lora_forward(c, dropped, weight, bias, a_c, b_c, scale)
+        del c, dropped
         ctx.save_for_backward(g2, u2, h, weight, a_c, b_c)
         ctx.scale, ctx.p, ctx.seed, ctx.a_dtype, ctx.b_dtype = scale, p, seed, a.dtype, b.dtype
         ctx.shape, ctx.in_dtype = shape, gate.dtype
@@ -117,17 +141,34 @@ class SwigluLoraDown(torch.autograd.Function):
         g2, u2, h, weight, a_c, b_c = ctx.saved_tensors
         gy = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
         with torch.autocast(gy.device.type, enabled=False):
-            sig = torch.sigmoid(g2)
-            silu = g2 * sig
-            c = silu * u2
+            c, dropped = _swiglu(g2, u2, ctx.p, ctx.seed)
             need = ctx.needs_input_grad
-            grad_c, grad_a, grad_b = _lora_backward(ctx, gy, c, h, weight, a_c, b_c, True, need[4], need[5])
-            del c
-            grad_up = grad_c * silu
-            grad_gate = grad_c.mul_(u2).mul_(sig * (1 + g2 * (1 - sig)))
+            grad_c, grad_a, grad_b = _lora_backward(ctx, gy, c, h, weight, a_c, b_c, True, need[4], need[5], dropped)
+            del c, dropped
+            grad_gate, grad_up = _swiglu_backward(g2, u2, grad_c)
         shape, dtype = ctx.shape, ctx.in_dtype
         return (grad_gate.view(shape).to(dtype), grad_up.view(shape).to(dtype), None, None, grad_a, grad_b,
                 None, None, None)
+
+
+def _swiglu(gate, up, p, seed):
+    """(silu(gate) * up, the same after dropout)."""
+    if _triton(gate):
+        c, dropped = kernels.swiglu(gate, up, p, seed)
+        return c, (c if dropped is None else dropped)
+    c = F.silu(gate) * up
+    return c, _dropout(c, p, seed)
+
+
+def _swiglu_backward(gate, up, grad_c):
+    """Gradients of gate and up; may overwrite gate and up (saved tensors that are not needed again)."""
+    if _triton(gate):
+        return kernels.swiglu_backward(gate, up, grad_c)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_up = grad_c * silu
+    grad_gate = grad_c.mul_(up).mul_(sig * (1 + gate * (1 - sig)))
+    return grad_gate, grad_up
 
 
 def _parts(module):

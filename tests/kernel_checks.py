@@ -1,0 +1,70 @@
+"""Checks of tunesmith.kernels against plain torch, on whatever device is given (CUDA, or the CPU
+under TRITON_INTERPRET=1). Run by tests/test_fast.py on the CPU and by bench/ on a GPU.
+
+    python tests/kernel_checks.py cpu|cuda
+"""
+
+import sys
+
+import torch
+
+from tunesmith import kernels
+
+
+def run(device: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 1000, device=device)
+    p = 0.3
+    mask = kernels.dropout(torch.ones_like(x), p, 77)  # keep / (1 - p), or 0
+    kept = (mask != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.03, kept
+    assert torch.allclose(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / (1 - p)))
+    torch.testing.assert_close(kernels.dropout(x, p, 77), x * mask)  # the same mask again
+    assert not torch.equal(kernels.dropout(torch.ones_like(x), p, 78), mask)  # another seed, another mask
+    out = torch.randn_like(x)
+    expect = out + x * mask
+    torch.testing.assert_close(kernels.dropout(x, p, 77, add_to=out), expect)
+
+    gate, up = torch.randn(2, 5000, device=device), torch.randn(2, 5000, device=device)
+    c, dropped = kernels.swiglu(gate, up, p, 5)
+    torch.testing.assert_close(c, torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(dropped, c * kernels.dropout(torch.ones_like(c), p, 5))
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    grad_c = torch.randn_like(c)
+    (torch.nn.functional.silu(g) * u).backward(grad_c)
+    grad_gate, grad_up = kernels.swiglu_backward(gate.clone(), up.clone(), grad_c)
+    torch.testing.assert_close(grad_gate, g.grad)
+    torch.testing.assert_close(grad_up, u.grad)
+    lean_layers(device)
+    print(f"kernel checks passed on {device}")
+
+
+def lean_layers(device: str) -> None:
+    """LoraLinear and SwigluLoraDown (the kernels' users) against autograd on the same dropout masks."""
+    from tunesmith.lean_lora import LoraLinear, SwigluLoraDown, _dropout
+
+    torch.manual_seed(1)
+    p, seed, scale = 0.2, 4242, 0.7
+    x = torch.randn(6, 64, device=device, requires_grad=True)
+    w, bias = torch.randn(48, 64, device=device), torch.randn(48, device=device)
+    a = torch.randn(4, 64, device=device, requires_grad=True)
+    b = torch.randn(48, 4, device=device, requires_grad=True)
+    grad = torch.randn(6, 48, device=device)
+    mask = _dropout(torch.ones(6, 64, device=device), p, seed)
+    reference = x @ w.t() + bias + scale * ((x * mask) @ a.t()) @ b.t()
+    expect = torch.autograd.grad(reference, (x, a, b), grad)
+    got = torch.autograd.grad(LoraLinear.apply(x, w, bias, a, b, scale, p, seed), (x, a, b), grad)
+    for e, g in zip(expect, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    gate, up = (torch.randn(6, 64, device=device, requires_grad=True) for _ in range(2))
+    c = torch.nn.functional.silu(gate) * up
+    mask = _dropout(torch.ones(6, 64, device=device), p, seed)
+    reference = c @ w.t() + scale * ((c * mask) @ a.t()) @ b.t()
+    expect = torch.autograd.grad(reference, (gate, up, a, b), grad)
+    got = torch.autograd.grad(SwigluLoraDown.apply(gate, up, w, None, a, b, scale, p, seed), (gate, up, a, b), grad)
+    for e, g in zip(expect, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1] if len(sys.argv) > 1 else "cuda")
