@@ -14,6 +14,7 @@ Engines
              *_gc1 / _gc05 / _gc0 = share of layers with activation checkpointing; ts_fit = the
              share tunesmith plans so that its peak memory stays within hf_gc's measured peak
   tsplain_*  tunesmith with PEFT's own LoRA layers (--lean_lora false), to show what lean LoRA gives
+  tsgraph_*  tunesmith with each packed row's forward+backward replayed from a CUDA graph
 Also: per-step loss of tunesmith vs hf over 20 steps (dropout 0, same adapter init, same data),
 the longest trainable sequence, and the guide's run (8 records x 10 epochs, accumulation 16).
 """
@@ -98,6 +99,7 @@ class Engine:
         self.kind = kind
         args = lora_args(dropout=dropout, max_length=max_length, gradient_checkpointing=share,
                          lean_lora=kind != "tsplain")
+        self.graphed = None
         torch.manual_seed(1234)  # the same adapter init for every engine
         if kind.startswith("hf"):
             base.set_attn_implementation("sdpa")
@@ -107,6 +109,11 @@ class Engine:
                 self.model.enable_input_require_grads()
         else:
             self.model = prepare_model(base, args, "cuda", longest_row=max_length, memory_budget=budget)
+        if kind == "tsgraph":
+            from tunesmith.graphs import GraphedRows, usable
+
+            assert usable(self.model, "cuda"), "CUDA graphs need lean LoRA and Triton"
+            self.graphed = GraphedRows(self.model, lambda batch: loss_of(self.model, batch))
         self.args = args
         self.optimizer, self.scheduler = build_optimizer(self.model, args, 1000)
         self.model.train()
@@ -116,6 +123,10 @@ class Engine:
             loss = self.model(**hf_batch(samples, packed_positions), use_cache=False).loss
             loss.backward()
             value = loss.detach()
+        elif self.graphed is not None:
+            n = sum(s.n_trained for s in samples)
+            value = self.graphed.window(list(micro_batches(samples, self.args, "cuda")), 1.0 / n)
+            assert value is not None
         else:
             n = sum(s.n_trained for s in samples)
             value = 0.0
@@ -178,7 +189,8 @@ def main():
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--engines", default="hf_gc,hf,ts_fit,ts_gc1,ts_gc0,tsplain_gc0")
+    ap.add_argument("--engines", default="hf_gc,hf,tsgraph_fit,tsgraph_gc0,ts_fit,ts_gc0,tsplain_gc0")
+    ap.add_argument("--loss_engines", default="ts,tsgraph")
     ap.add_argument("--long", default="", help="comma list of lengths to probe for ts (hf probes the first half)")
     ap.add_argument("--skip_loss_check", action="store_true")
     ap.add_argument("--skip_guide", action="store_true")
@@ -245,7 +257,7 @@ def main():
         torch.cuda.synchronize()
         t = time.perf_counter()
         for epoch in range(10):
-            if kind == "ts":
+            if kind.startswith("ts"):
                 engine.step(guide)  # one packed window
             else:  # batch by batch: 8 forward/backward passes, then one optimizer step
                 n = sum(s.n_trained for s in guide)
@@ -307,16 +319,21 @@ def main():
     for name in [n for n in profiled if n.startswith("ts")]:
         profile(name)
     if losses_hf is not None:
-        losses_ts = loss_run("ts")
-        rel = [abs(x - y) / abs(y) for x, y in zip(losses_ts, losses_hf)]
-        results["loss_check"] = {"hf": losses_hf, "ts": losses_ts, "max_rel_diff": max(rel)}
-        print(f"loss check (20 steps, dropout 0): max relative difference {max(rel):.2e}", flush=True)
+        results["loss_check"] = {"hf": losses_hf}
         print("  hf:", " ".join(f"{x:.4f}" for x in losses_hf), flush=True)
-        print("  ts:", " ".join(f"{x:.4f}" for x in losses_ts), flush=True)
+        for kind in a.loss_engines.split(","):
+            losses = loss_run(kind)
+            rel = [abs(x - y) / abs(y) for x, y in zip(losses, losses_hf)]
+            results["loss_check"][kind] = {"losses": losses, "max_rel_diff": max(rel)}
+            print(f"loss check {kind} vs hf (20 steps, dropout 0): max relative difference {max(rel):.2e}", flush=True)
+            print(f"  {kind}:", " ".join(f"{x:.4f}" for x in losses), flush=True)
     if guide_hf is not None:
-        guide_ts = guide_run("ts")
-        results["guide_run"] = {"ts": guide_ts, "hf_gc": guide_hf, "speedup": guide_hf / guide_ts}
-        print(f"guide run (10 epochs x 8 samples, accumulation 16): ts {guide_ts:.2f} s, hf_gc batch by batch {guide_hf:.2f} s -> {guide_hf / guide_ts:.1f}x", flush=True)
+        results["guide_run"] = {"hf_gc": guide_hf}
+        for kind in ("ts", "tsgraph"):
+            took = guide_run(kind)
+            results["guide_run"][kind] = {"s": took, "speedup": guide_hf / took}
+            print(f"guide run (10 epochs x 8 samples, accumulation 16): {kind} {took:.2f} s, hf_gc batch by batch "
+                  f"{guide_hf:.2f} s -> {guide_hf / took:.1f}x", flush=True)
     if lengths:  # last: an out-of-memory probe can leave the allocator fragmented for whatever runs next
         results["longest"] = {"hf_gc": long_hf, "ts_gc1": longest(base, "ts", 1.0, lengths, deadline + 200)}
         print(f"longest sequence: {results['longest']}", flush=True)

@@ -15,20 +15,24 @@ def run(device: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 1000, device=device)
     p = 0.3
-    mask = kernels.dropout(torch.ones_like(x), p, 77)  # keep / (1 - p), or 0
+
+    def seed(n):
+        return torch.tensor([n], device=device), 0
+
+    mask = kernels.dropout(torch.ones_like(x), p, seed(77))  # keep / (1 - p), or 0
     kept = (mask != 0).float().mean().item()
     assert abs(kept - (1 - p)) < 0.03, kept
     assert torch.allclose(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / (1 - p)))
-    torch.testing.assert_close(kernels.dropout(x, p, 77), x * mask)  # the same mask again
-    assert not torch.equal(kernels.dropout(torch.ones_like(x), p, 78), mask)  # another seed, another mask
+    torch.testing.assert_close(kernels.dropout(x, p, seed(77)), x * mask)  # the same mask again
+    assert not torch.equal(kernels.dropout(torch.ones_like(x), p, seed(78)), mask)  # another seed, another mask
     out = torch.randn_like(x)
     expect = out + x * mask
-    torch.testing.assert_close(kernels.dropout(x, p, 77, add_to=out), expect)
+    torch.testing.assert_close(kernels.dropout(x, p, seed(77), add_to=out), expect)
 
     gate, up = torch.randn(2, 5000, device=device), torch.randn(2, 5000, device=device)
-    c, dropped = kernels.swiglu(gate, up, p, 5)
+    c, dropped = kernels.swiglu(gate, up, p, seed(5))
     torch.testing.assert_close(c, torch.nn.functional.silu(gate) * up)
-    torch.testing.assert_close(dropped, c * kernels.dropout(torch.ones_like(c), p, 5))
+    torch.testing.assert_close(dropped, c * kernels.dropout(torch.ones_like(c), p, seed(5)))
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
     grad_c = torch.randn_like(c)
     (torch.nn.functional.silu(g) * u).backward(grad_c)
@@ -41,10 +45,11 @@ def run(device: str) -> None:
 
 def lean_layers(device: str) -> None:
     """LoraLinear and SwigluLoraDown (the kernels' users) against autograd on the same dropout masks."""
-    from tunesmith.lean_lora import LoraLinear, SwigluLoraDown, _dropout
+    from tunesmith.lean_lora import LoraLinear, SwigluLoraDown, _dropout, begin_forward
 
     torch.manual_seed(1)
-    p, seed, scale = 0.2, 4242, 0.7
+    p, seed, scale = 0.2, 4242, 0.7  # (seed: the projection's offset from the pass's seed)
+    begin_forward(device)
     x = torch.randn(6, 64, device=device, requires_grad=True)
     w, bias = torch.randn(48, 64, device=device), torch.randn(48, device=device)
     a = torch.randn(4, 64, device=device, requires_grad=True)

@@ -121,6 +121,14 @@ def test_linear_cross_entropy_equals_the_plain_loss():
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert fused_small.item() == pytest.approx(plain.item(), rel=1e-6)
     torch.testing.assert_close(g_fused, g_plain)
+    # rows with target -100 (padding in a captured row) count for nothing
+    padded = torch.cat([targets[:30], torch.full((7,), -100)])
+    plain = torch.nn.functional.cross_entropy(head(hidden), padded, reduction="sum", ignore_index=-100)
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    fused = fast._LinearCrossEntropy.apply(hidden, head.weight, padded, 5)
+    (g_fused,) = torch.autograd.grad(fused, hidden)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    torch.testing.assert_close(g_fused, g_plain)
 
 
 def lean_and_peft(tiny, dropout):

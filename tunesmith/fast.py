@@ -134,13 +134,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, hidden.shape[0], rows):
                 h, t = hidden[i:i + rows].to(weight.dtype), targets[i:i + rows]
+                valid = t >= 0  # a negative target (-100) marks a row without loss
+                t = t.clamp(min=0)
                 logits = (h @ weight.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
                 if want_grad:
                     probs = logits.sub_(lse[:, None]).exp_()
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                    grad[i:i + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                    part = probs.to(weight.dtype) @ weight
+                    grad[i:i + rows] = (part * valid[:, None].to(part.dtype)).to(grad.dtype)
                 del logits
         ctx.save_for_backward(grad)
         return total
@@ -220,10 +223,12 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def checkpoint_layers(model, share: float) -> int:
+def checkpoint_layers(model, share: float, preserve_rng: bool = True) -> int:
     """Recompute activations in `share` (0..1) of the decoder layers, spread evenly; returns how many.
-    Our own wrapper around torch.utils.checkpoint (non-reentrant, RNG state kept so dropout masks
-    repeat): the same on every transformers version, and no hooks run twice."""
+    Our own wrapper around torch.utils.checkpoint (non-reentrant; the RNG state is kept so that
+    dropout masks repeat, unless the layers draw none from it, as with lean LoRA, whose masks come
+    from their own seeds, and which a CUDA graph needs): the same on every transformers version,
+    and no hooks run twice."""
     from torch.utils.checkpoint import checkpoint
 
     layers = decoder_layers(model)
@@ -239,7 +244,7 @@ def checkpoint_layers(model, share: float) -> int:
 
         def forward(*args, _plain=plain, _layer=layer, **kwargs):
             if _layer.training and torch.is_grad_enabled():
-                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+                return checkpoint(_plain, *args, use_reentrant=False, preserve_rng_state=preserve_rng, **kwargs)
             return _plain(*args, **kwargs)
 
         layer._tunesmith_plain_forward = plain

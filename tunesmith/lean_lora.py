@@ -6,9 +6,11 @@ keeps a dropped copy of its input for every projection (three for q/k/v, two for
     y = x W^T + b + s * (drop(x) A^T) B^T           one autograd node, three matmuls forward
 
 - Nothing but `x` (shared by q/k/v and by gate/up: autograd stores one tensor once) and the
-  r-wide `x A^T` is kept for backward. The dropout mask is never stored: it is drawn from a seed
-  taken from torch's CPU generator (which activation checkpointing restores, so a recomputed
-  forward draws the same mask) and drawn again in backward.
+  r-wide `x A^T` is kept for backward. The dropout mask is never stored: it comes from a seed
+  made of the forward pass's seed (`begin_forward`, once per forward+backward) plus the
+  projection's own number, and is drawn again from it in backward. A checkpointed layer's
+  recomputed forward therefore draws the same masks, and on CUDA the forward seed lives in a
+  device tensor that a CUDA graph refills on each replay.
 - The MLP's down projection takes `gate` and `up` and computes `silu(gate) * up` itself, keeping
   only gate and up: the [tokens, intermediate] product is recomputed in backward, never stored.
 - The adapter's parameters stay PEFT's (`lora_A`/`lora_B` float32 masters), so checkpoints are
@@ -43,26 +45,47 @@ def _triton(t: torch.Tensor) -> bool:
     return t.is_cuda and kernels.available()
 
 
-def _dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """dropout(t) with the mask of `seed` (t itself when p is 0)."""
+_forward_seed: dict = {}  # device -> int (torch path) or int64 tensor of one element (Triton path)
+
+
+def begin_forward(device) -> None:
+    """New dropout masks for the next forward pass and the backward that follows it."""
+    device = torch.device(device)
+    if device.type == "cuda" and kernels.available():
+        seed = _forward_seed.get(device)
+        if seed is None:
+            seed = _forward_seed[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        seed.random_(0, 2**30)  # on the device: no host sync, and a new draw on each graph replay
+    else:
+        _forward_seed[device] = int(torch.randint(0, 2**30, (), dtype=torch.int64))
+
+
+def _seed(t: torch.Tensor, offset: int):
+    seed = _forward_seed.get(t.device)
+    if _triton(t):
+        if seed is None:
+            begin_forward(t.device)
+            seed = _forward_seed[t.device]
+        return seed, offset
+    return (seed or 0) + offset
+
+
+def _dropout(t: torch.Tensor, p: float, offset: int) -> torch.Tensor:
+    """dropout(t) with the mask of this pass and projection (t itself when p is 0)."""
     if p == 0:
         return t
     if _triton(t):
-        return kernels.dropout(t, p, seed)
-    return t * _keep_mask(t, p, seed)
+        return kernels.dropout(t, p, _seed(t, offset))
+    return t * _keep_mask(t, p, _seed(t, offset))
 
 
-def _add_dropout(out: torch.Tensor, t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """out += dropout(t), in place, with the mask of `seed`."""
+def _add_dropout(out: torch.Tensor, t: torch.Tensor, p: float, offset: int) -> torch.Tensor:
+    """out += dropout(t), in place, with the mask of this pass and projection."""
     if p == 0:
         return out.add_(t)
     if _triton(t):
-        return kernels.dropout(t, p, seed, add_to=out)
-    return out.add_(t * _keep_mask(t, p, seed))
-
-
-def _new_seed() -> int:
-    return int(torch.randint(0, 2**31 - 2**20, (), dtype=torch.int64))
+        return kernels.dropout(t, p, _seed(t, offset), add_to=out)
+    return out.add_(t * _keep_mask(t, p, _seed(t, offset)))
 
 
 def _lora_forward(x2, dropped, weight, bias, a, b, scale):
@@ -154,7 +177,7 @@ class SwigluLoraDown(torch.autograd.Function):
 def _swiglu(gate, up, p, seed):
     """(silu(gate) * up, the same after dropout)."""
     if _triton(gate):
-        c, dropped = kernels.swiglu(gate, up, p, seed)
+        c, dropped = kernels.swiglu(gate, up, p, _seed(gate, seed) if p > 0 else None)
         return c, (c if dropped is None else dropped)
     c = F.silu(gate) * up
     return c, _dropout(c, p, seed)
@@ -194,7 +217,7 @@ def lora_linear(module, x):
     if parts is None:
         return module._tunesmith_peft_forward(x)
     weight, bias, a, b, scale, p = parts
-    return LoraLinear.apply(x, weight, bias, a, b, float(scale), p, _new_seed() if p > 0 else 0)
+    return LoraLinear.apply(x, weight, bias, a, b, float(scale), p, module._tunesmith_seed)
 
 
 def gated_mlp(mlp, x):
@@ -205,11 +228,17 @@ def gated_mlp(mlp, x):
     if parts is None:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     weight, bias, a, b, scale, p = parts
-    return SwigluLoraDown.apply(gate, up, weight, bias, a, b, float(scale), p, _new_seed() if p > 0 else 0)
+    return SwigluLoraDown.apply(gate, up, weight, bias, a, b, float(scale), p, mlp.down_proj._tunesmith_seed)
 
 
 def _is_lora_linear(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer") and type(module.base_layer) is torch.nn.Linear
+
+
+def all_lean(model) -> bool:
+    """Every LoRA projection of the model is on the lean path (so none draws from torch's RNG)."""
+    loras = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    return bool(loras) and all(hasattr(m, "_tunesmith_peft_forward") for m in loras)
 
 
 def use_lean_lora(model) -> int:
@@ -218,6 +247,7 @@ def use_lean_lora(model) -> int:
     for module in model.modules():
         if _is_lora_linear(module) and not hasattr(module, "_tunesmith_peft_forward"):
             module._tunesmith_peft_forward = module.forward
+            module._tunesmith_seed = (count + 1) * 65_537  # this projection's offset from the pass's seed
             module.forward = lambda x, *args, _m=module, **kwargs: (
                 lora_linear(_m, x) if not args and not kwargs else _m._tunesmith_peft_forward(x, *args, **kwargs))
             count += 1

@@ -144,12 +144,12 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
     if args.lean_lora:
         n = lean_lora.use_lean_lora(model)
         notes += [f"lean LoRA on {n} projections"] if n else []
-        lean = n > 0
+        lean = lean_lora.all_lean(model)
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
         liger = any("Liger" in n for n in notes)
         share = fast.plan_checkpointing(model, longest_row, liger, lean, memory_budget) if device.startswith("cuda") else 0.0
-    n = fast.checkpoint_layers(model, float(share))
+    n = fast.checkpoint_layers(model, float(share), preserve_rng=not lean)
     notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
     log("fast path: " + ", ".join(notes))
     return model
@@ -395,6 +395,7 @@ def loss_of(model, batch) -> "torch.Tensor":
     """Summed cross-entropy over answer tokens. The vocabulary projection runs only where there is
     loss, in chunks that are recomputed in backward, so the [tokens, vocab] logits never exist."""
     base = model.get_base_model()
+    lean_lora.begin_forward(batch["input_ids"].device)  # this pass's dropout masks
     extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in batch}
     with fast.mixed_precision(model, base.dtype, batch["input_ids"].device):
         out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

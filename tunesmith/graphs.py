@@ -1,0 +1,128 @@
+"""CUDA graphs for packed rows: the forward and backward of a row, captured once per row length
+and replayed, so the GPU runs the whole pass without waiting for Python to issue ~3,000 kernels.
+
+A packed row (train.micro_batches) is copied into the static buffers of the smallest captured
+length that holds it (a multiple of BUCKET tokens): the spare tokens form one more sample with no
+loss, spare sample slots are empty (zero-length), spare loss slots have no target. The pass's
+dropout seed lives on the device (lean_lora.begin_forward), so every replay draws new masks.
+
+Used only where it is safe: CUDA, lean LoRA on every projection, Triton available. Anything
+else, or a row with more samples than MAX_SAMPLES, runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BUCKET = 256
+MAX_SAMPLES = 64
+
+
+class GraphedRows:
+    def __init__(self, model, loss_fn):
+        """loss_fn(batch) -> the row's summed loss (train.loss_of)."""
+        self.model, self.loss_fn = model, loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graphs: dict[int, tuple] = {}  # length -> (graph, static batch, loss, grads)
+        self.pool = None
+
+    def _static(self, length: int, device) -> dict:
+        ids = torch.zeros(1, length, dtype=torch.long, device=device)
+        return {
+            "input_ids": ids,
+            "position_ids": torch.arange(length, device=device)[None],
+            "cu_seq_lens_q": torch.full((MAX_SAMPLES + 2,), length, dtype=torch.int32, device=device).index_fill_(
+                0, torch.tensor([0], device=device), 0),
+            "loss_positions": torch.zeros(length, dtype=torch.long, device=device),
+            "loss_targets": torch.full((length,), -100, dtype=torch.long, device=device),
+            "attention_mask": None,
+            "max_length_q": length,
+            "max_length_k": length,
+        }
+
+    def _fill(self, static: dict, batch: dict) -> None:
+        n = batch["input_ids"].shape[1]
+        length = static["input_ids"].shape[1]
+        static["input_ids"][:, :n].copy_(batch["input_ids"])
+        static["input_ids"][:, n:].zero_()
+        static["position_ids"][:, :n].copy_(batch["position_ids"])
+        static["position_ids"][0, n:].copy_(torch.arange(length - n, device=static["position_ids"].device))
+        cu = batch["cu_seq_lens_q"]
+        static["cu_seq_lens_q"][: len(cu)].copy_(cu)
+        static["cu_seq_lens_q"][len(cu):].fill_(length)  # the spare tokens: one sample, then empty ones
+        k = batch["loss_positions"].shape[0]
+        static["loss_positions"][:k].copy_(batch["loss_positions"])
+        static["loss_positions"][k:].zero_()
+        static["loss_targets"][:k].copy_(batch["loss_targets"])
+        static["loss_targets"][k:].fill_(-100)
+        static["cu_seq_lens_k"] = static["cu_seq_lens_q"]
+
+    def _capture(self, length: int, batch: dict):
+        static = self._static(length, batch["input_ids"].device)
+        self._fill(static, batch)
+        saved = [p.grad for p in self.params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up passes: kernels compiled, workspaces allocated
+            for _ in range(2):
+                for p in self.params:
+                    p.grad = None
+                self.loss_fn(static).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            p.grad = None  # backward inside the capture makes the gradients, in the graph's memory
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.loss_fn(static)
+            loss.backward()
+        self.pool = graph.pool()
+        grads = [p.grad for p in self.params]
+        for p, g in zip(self.params, saved):
+            p.grad = g
+        return graph, static, loss, grads
+
+    def row(self, batch: dict):
+        """(summed loss, gradients) of one packed row, or None when it cannot be replayed."""
+        n = batch["input_ids"].shape[1]
+        if len(batch["cu_seq_lens_q"]) > MAX_SAMPLES + 1:
+            return None
+        length = -(-n // BUCKET) * BUCKET
+        if length not in self.graphs:
+            self.graphs[length] = self._capture(length, batch)
+        graph, static, loss, grads = self.graphs[length]
+        self._fill(static, batch)
+        graph.replay()
+        return loss, grads
+
+    def window(self, rows: list[dict], scale: float):
+        """Loss (times scale) of a window of rows; leaves the window's gradient (times scale) in .grad.
+        Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly."""
+        if any(len(r["cu_seq_lens_q"]) > MAX_SAMPLES + 1 for r in rows):
+            return None
+        total, acc = None, None
+        for batch in rows:
+            loss, grads = self.row(batch)
+            if len(rows) == 1:
+                total, acc = loss * scale, grads
+                break
+            if acc is None:
+                acc = [g.clone() for g in grads]
+                total = loss.clone()
+            else:
+                torch._foreach_add_(acc, grads)
+                total += loss
+        if len(rows) == 1:
+            torch._foreach_mul_(acc, scale)
+        else:
+            torch._foreach_mul_(acc, scale)
+            total = total * scale
+        for p, g in zip(self.params, acc):
+            p.grad = g
+        return total
+
+
+def usable(model, device) -> bool:
+    """CUDA, Triton, and every LoRA projection on the lean path (its dropout seeded from the device)."""
+    from . import kernels, lean_lora
+
+    return str(device).startswith("cuda") and kernels.available() and lean_lora.all_lean(model)
