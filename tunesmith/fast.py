@@ -145,9 +145,23 @@ def apply_liger(model) -> list[str]:
 ACTIVATION_WIDTH = {True: 36, False: 52}
 
 
-def plan_checkpointing(model, tokens: int | None, liger: bool) -> float:
+def activation_bytes(layers: int, hidden: int, elt: int, tokens: int, checkpointed: int, liger: bool) -> int:
+    """Saved activations of one forward pass of `tokens` tokens with `checkpointed` of the `layers`
+    layers recomputed in backward (one layer's full activations exist during its recompute)."""
+    full = ACTIVATION_WIDTH[liger] * hidden * elt * tokens  # one layer, nothing recomputed
+    kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
+    return (layers - checkpointed) * full + checkpointed * kept + (full if checkpointed else 0)
+
+
+def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: bool, budget: float) -> int:
+    """The fewest layers to checkpoint so the activations fit in `budget` bytes (all of them if none fits)."""
+    return next((k for k in range(layers + 1) if activation_bytes(layers, hidden, elt, tokens, k, liger) <= budget), layers)
+
+
+def plan_checkpointing(model, tokens: int | None, liger: bool, reserve: int = 0) -> float:
     """The smallest share of layers to checkpoint so that the activations of the largest forward
-    pass fit in 85% of the free GPU memory (checkpointing costs a second forward of those layers)."""
+    pass fit in 85% of the free GPU memory less `reserve` bytes (the loss's logits: planner.loss_bytes)
+    (checkpointing costs a second forward of those layers)."""
     from .models import log
 
     if not tokens or not torch.cuda.is_available():
@@ -155,17 +169,13 @@ def plan_checkpointing(model, tokens: int | None, liger: bool) -> float:
     cfg = model.config
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     elt = next(model.parameters()).element_size()
-    full = ACTIVATION_WIDTH[liger] * hidden * elt * tokens  # one layer, nothing recomputed
-    kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
-    free = torch.cuda.mem_get_info()[0] * 0.85
-    for k in range(layers + 1):  # k checkpointed layers; one layer's full activations during recompute
-        need = (layers - k) * full + k * kept + (full if k else 0)
-        if need <= free:
-            share = k / layers
-            log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
-                f"checkpointed ({free / 2**30:.0f} GiB usable)")
-            return share
-    return 1.0
+    free = (torch.cuda.mem_get_info()[0] - reserve) * 0.85
+    k = fewest_checkpointed(layers, hidden, elt, tokens, liger, free)
+    need = activation_bytes(layers, hidden, elt, tokens, k, liger)
+    if need <= free:
+        log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
+            f"checkpointed ({free / 2**30:.0f} GiB usable)")
+    return k / layers
 
 
 def decoder_layers(model) -> list:
