@@ -210,7 +210,7 @@ class Parallel:
             frozen = [n for n, p in step.named_parameters() if not p.requires_grad]
             frozen += [n for n, _ in step.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(step, frozen)
-            step = DDP(step, device_ids=[self.local_rank] if device.startswith("cuda") else None,
+            step = DDP(step, device_ids=None,  # the batch is already on this rank's device
                        gradient_as_bucket_view=True)
         self.module = step
         return step
