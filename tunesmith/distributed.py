@@ -40,6 +40,8 @@ def relaunch(argv: list[str]) -> int | None:
         raise UserError(f"NPROC_PER_NODE={nproc}: expected the number of processes (GPUs) per node, e.g. 2")
     if int(nproc) == 1 and int(os.environ.get("NNODES", "1") or 1) == 1:
         return None
+    if int(os.environ.get("NNODES", "1") or 1) > 1 and not os.environ.get("MASTER_ADDR"):
+        raise UserError("NNODES > 1: set MASTER_ADDR (and MASTER_PORT) to the address of the machine with NODE_RANK=0")
     flags = []
     for name, flag in LAUNCHER_ENV.items():
         if os.environ.get(name, "").strip():
@@ -120,11 +122,12 @@ class Parallel:
 
     @contextlib.contextmanager
     def main_first(self):
-        """Rank 0 runs the block first (it fills caches: tokenized data, converted models); the others after."""
-        if not self.main:
+        """The first process of each machine runs the block first (it fills that machine's caches:
+        tokenized data, converted models); the others after, reading them."""
+        if self.local_rank != 0:
             self.barrier()
         yield
-        if self.main:
+        if self.local_rank == 0:
             self.barrier()
 
     def broadcast(self, obj):
@@ -268,10 +271,18 @@ def setup(args) -> Parallel:
     if not dist.is_initialized():
         kw = {"device_id": torch.device("cuda", local)} if cuda else {}
         dist.init_process_group("nccl" if cuda else "gloo", **kw)
+    if rank != 0:  # the others' library warnings and progress bars would repeat rank 0's
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        warnings.filterwarnings("ignore")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     if rank == 0:
         from .models import log
 
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 0)) or max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         log(f"{world} processes ({nodes} node(s)), {'NCCL on GPUs' if cuda else 'gloo on CPUs'}: "
             f"{'FSDP2 sharding of the base model' if args.fsdp else 'data parallel (DDP)'}")
     return Parallel(rank=rank, world=world, local_rank=local, fsdp=args.fsdp)
