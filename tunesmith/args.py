@@ -81,7 +81,7 @@ class DataArguments(BaseArguments):
                 raise UserError(f"--{name} takes one value, or two (Chinese, English); got {len(getattr(self, name))}")
         if not (0 <= self.split_dataset_ratio < 1):
             raise UserError(f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
-        if not self.dataset:
+        if not self.dataset and not getattr(self, "dry_run", False):
             raise UserError("no training data: pass --dataset FILE (e.g. --dataset self_cognition.json)")
         parse_columns(self.columns)
 
@@ -132,6 +132,16 @@ class SftArguments(DataArguments):
     lean_lora: bool = arg(
         True, "run LoRA projections as one autograd function each (no stored dropout copies, fewer kernels)"
     )
+    quant_method: Optional[str] = arg(
+        None, "load the base model quantized (QLoRA): bnb (bitsandbytes; needs `pip install tunesmith[qlora]`)",
+        choices=["bnb"],
+    )
+    quant_bits: Optional[int] = arg(None, "bits per base weight with --quant_method bnb: 4 (nf4, double quantization; "
+                                          "the default) or 8")
+    fsdp: bool = arg(False, "with several GPUs (NPROC_PER_NODE=N or torchrun): shard the base model across them "
+                            "(FSDP2) instead of a full copy per GPU, for bases that do not fit one card")
+    dry_run: bool = arg(False, "print the estimated peak memory per GPU for these settings and the largest "
+                               "batch/length that fits, then exit (reads only config.json)")
     packing_window: bool = arg(
         True, "run each accumulation window as one padding-free packed batch (same update, much faster)"
     )
@@ -176,6 +186,15 @@ class SftArguments(DataArguments):
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.target_modules:
             raise UserError("--target_modules needs at least one name, or all-linear")
+        if self.quant_bits is not None and self.quant_method is None:
+            raise UserError(f"--quant_bits {self.quant_bits} needs --quant_method bnb (QLoRA)")
+        if self.quant_method is not None:
+            self.quant_bits = 4 if self.quant_bits is None else self.quant_bits
+            if self.quant_bits not in (4, 8):
+                raise UserError(f"--quant_bits {self.quant_bits}: bitsandbytes loads 4 (nf4) or 8 bits per weight")
+            if self.fsdp:
+                raise UserError("--fsdp with --quant_method bnb is not supported: a 4-bit 7B base fits one GPU, "
+                                "so drop --fsdp (several GPUs then run data parallel)")
         if str(self.resume_from_checkpoint).strip().lower() in ("", "none", "false", "0", "no", "off"):
             self.resume_from_checkpoint = None
 

@@ -55,8 +55,10 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_total_limit: int | None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_total_limit: int | None,
+                    adapter_state: dict | None = None) -> Path:
     """Write checkpoint-{step} atomically, then drop the oldest beyond save_total_limit.
+    `adapter_state`: the adapter's full tensors when the model holds only shards of them (FSDP).
     A failed write (full disk, read-only folder) raises OSError and leaves earlier checkpoints as they were."""
     import torch
 
@@ -64,7 +66,7 @@ def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_tot
     tmp = run_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": adapter_state} if adapter_state is not None else {}))
         for name, obj in extra_files.items():
             if name.endswith(".json"):
                 (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

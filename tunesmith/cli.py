@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         rest = (["--dataset", *rest[:k]] if k else []) + rest[k:]
     try:
         args = parse_args(command, rest)
+        if command == "sft" and not args.dry_run:
+            from .distributed import relaunch
+
+            code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
+            if code is not None:
+                return code
         if hasattr(args, "model") and command in ("sft", "infer"):
             from .models import prefetch
 
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][1])
         return module.run(args) or 0
     except UserError as e:
-        print(f"tunesmith {command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one line is enough
+            print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"\ntunesmith {command}: interrupted", file=sys.stderr)

@@ -65,6 +65,10 @@ def merge(args: ExportArguments) -> Path:
         t0 = time.time()
         chat = load_chat(InferArguments(model=args.model, adapters=list(args.adapters), torch_dtype=args.torch_dtype,
                                         device=args.device, system=args.system))
+        bits = _trained_quant(args.adapters[0])
+        if bits:
+            log(f"the adapter was trained on a {bits}-bit base (QLoRA); it is merged into "
+                "the unquantized base, as PEFT does")
         prompts = [chat.template.encode_prompt([{"role": "user", "content": q}]) for q in CHECK_PROMPTS]
         reference = _logits(chat.model, prompts, chat.device)
         save_dtype = _save_dtype(args.torch_dtype, chat.model)
@@ -101,6 +105,13 @@ def merge(args: ExportArguments) -> Path:
     log(f"merged model written to {final} in {time.time() - t0:.0f} s")
     print(f"merged_model: {final}", flush=True)
     return final
+
+
+def _trained_quant(adapter: str) -> int | None:
+    """--quant_bits of the sft run that made this adapter (args.json), None for a plain LoRA."""
+    path = Path(adapter) / "args.json"
+    trained = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return trained.get("quant_bits") if trained.get("quant_method") else None
 
 
 def _save_dtype(name: str, model):

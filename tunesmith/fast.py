@@ -186,14 +186,32 @@ def apply_liger(model, swiglu: bool = True) -> list[str]:
 
 # Bytes of saved activations per token per layer, in units of hidden_size x element size, by
 # (Liger kernels, lean LoRA); measured on the Qwen2.5-7B architecture on an H100 (bench/RESULTS.md).
-ACTIVATION_WIDTH = {(True, True): 18, (False, True): 28, (True, False): 36, (False, False): 52}
+ACTIVATION_WIDTH = {(True, True): 20, (False, True): 28, (True, False): 35, (False, False): 52}
 MARGIN_WIDTH = 6  # gradients in flight between layers, residual sums: a few more hidden-wide tensors
 
 
-def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = False, budget: int | None = None) -> float:
+def activation_bytes(layers: int, hidden: int, elt: int, tokens: int, checkpointed: int, liger: bool,
+                     lean: bool = True) -> int:
+    """Saved activations of one forward pass of `tokens` tokens with `checkpointed` of the `layers`
+    layers recomputed in backward (one layer's full activations exist during its recompute)."""
+    full = ACTIVATION_WIDTH[(liger, lean)] * hidden * elt * tokens  # one layer, nothing recomputed
+    kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
+    margin = MARGIN_WIDTH * hidden * elt * tokens
+    return (layers - checkpointed) * full + checkpointed * kept + (full if checkpointed else 0) + margin
+
+
+def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: bool, lean: bool, budget: float) -> int:
+    """The fewest layers to checkpoint so the activations fit in `budget` bytes (all of them if none fits)."""
+    fits = (k for k in range(layers + 1) if activation_bytes(layers, hidden, elt, tokens, k, liger, lean) <= budget)
+    return next(fits, layers)
+
+
+def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = False, reserve: int = 0,
+                       budget: int | None = None) -> float:
     """The smallest share of layers to checkpoint so that the activations of the largest forward
-    pass fit: in `budget` bytes of GPU memory in all, or else in 85% of what is free now
-    (checkpointing costs a second forward of those layers)."""
+    pass fit: in `budget` bytes of GPU memory in all, or else in 85% of what is free now, less
+    `reserve` bytes (the loss's logits: planner.loss_bytes) and the adapter's gradients and AdamW
+    states (checkpointing costs a second forward of those layers)."""
     from .models import log
 
     if not tokens or not torch.cuda.is_available():
@@ -201,22 +219,17 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     cfg = model.config
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     elt = next(model.parameters()).element_size()
-    full = ACTIVATION_WIDTH[(liger, lean)] * hidden * elt * tokens  # one layer, nothing recomputed
-    kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fixed = 12 * trainable + 2**28 * 2 + MARGIN_WIDTH * hidden * elt * tokens  # grads + AdamW states, loss chunk
     if budget is None:
-        free = torch.cuda.mem_get_info()[0] * 0.85 - fixed
+        free = (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
     else:
-        free = budget - torch.cuda.memory_allocated() - fixed
-    for k in range(layers + 1):  # k checkpointed layers; one layer's full activations during recompute
-        need = (layers - k) * full + k * kept + (full if k else 0)
-        if need <= free:
-            share = k / layers
-            log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
-                f"checkpointed ({free / 2**30:.1f} GiB usable)")
-            return share
-    return 1.0
+        free = budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
+    k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free)
+    need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean)
+    if need <= free:
+        log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
+            f"checkpointed ({free / 2**30:.1f} GiB usable)")
+    return k / layers
 
 
 def decoder_layers(model) -> list:

@@ -55,6 +55,8 @@ def cache_root() -> Path:
 
 
 def log(msg: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # several processes (torchrun): the first one speaks for all
+        return
     print(f"[tunesmith] {msg}", file=sys.stderr, flush=True)
 
 
@@ -333,18 +335,38 @@ def load_config(path: Path):
         raise UserError(f"{path}/config.json: transformers does not know this model ({str(e).splitlines()[0][:200]})") from None
 
 
-def load_model(path: Path, dtype, device: str):
-    import torch
+def load_model(path: Path, dtype, device: str, quant_bits: int | None = None):
+    """The base model on `device`; with quant_bits (QLoRA) its linear layers are stored in 4 (nf4) or
+    8 bits by bitsandbytes and computed in `dtype`; embeddings, norms and the output layer stay `dtype`."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
+    extra = {"quantization_config": quantization_config(quant_bits, dtype), "device_map": {"": device}} if quant_bits else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
     except Exception as e:
         raise UserError(f"cannot load the model from {path} ({str(e).splitlines()[0][:200]})") from None
-    model.to(device)
-    log(f"loaded {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {str(dtype).replace('torch.', '')}, {device}) in {time.time() - t0:.1f} s")
+    if not quant_bits:
+        model.to(device)
+    stored = f"{quant_bits}-bit {'nf4' if quant_bits == 4 else 'int8'}, computed in " if quant_bits else ""
+    log(f"loaded {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {stored}"
+        f"{str(dtype).replace('torch.', '')}, {device}) in {time.time() - t0:.1f} s")
     return model
+
+
+def quantization_config(bits: int, dtype):
+    """transformers' BitsAndBytesConfig for QLoRA: nf4 with double quantization (the QLoRA paper's), or int8."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--quant_method bnb needs bitsandbytes: pip install 'tunesmith[qlora]' "
+                        "(or pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
 
 
 def end_of_turn_ids(tok, model=None) -> list[int]:

@@ -31,7 +31,7 @@ from .models import log
 SAFE_TO_CHANGE = {
     "output_dir", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
     "dataloader_num_workers", "report_to", "resume_from_checkpoint", "max_nonfinite_steps", "device",
-    "gradient_checkpointing", "use_liger", "lean_lora",
+    "gradient_checkpointing", "use_liger", "lean_lora", "fsdp", "dry_run",
 }
 
 
@@ -83,10 +83,13 @@ def data_fingerprint(train_set) -> str:
     return h.hexdigest()
 
 
-def check_same_run(ckpt: Path, args, fingerprint: str) -> dict:
+def check_same_run(ckpt: Path, args, fingerprint: str, world: int = 1) -> dict:
     """The checkpoint's trainer state, after checking this command continues the same run."""
     saved = load_json(ckpt / "args.json")
     state = load_json(ckpt / "trainer_state.json")
+    if state.get("world_size", 1) != world:  # the windows (batch x accumulation x processes) would differ
+        raise UserError(f"{ckpt} was trained with {state.get('world_size', 1)} process(es), this run has {world}: "
+                        "resume with the same NPROC_PER_NODE (and nodes), or start a new run")
     for name, now in vars(args).items():
         if name in SAFE_TO_CHANGE or name not in saved:
             continue
@@ -94,8 +97,8 @@ def check_same_run(ckpt: Path, args, fingerprint: str) -> dict:
         if name == "gradient_accumulation_steps":  # compare what is used, not how it was spelled
             from .args import SftArguments
 
-            before = SftArguments(**{**vars(args), name: before}).effective_accumulation()
-            now = args.effective_accumulation()
+            before = SftArguments(**{**vars(args), name: before}).effective_accumulation(world)
+            now = args.effective_accumulation(world)
         if before != now:
             raise UserError(
                 f"--{name} {_show(now)} differs from the checkpoint's {_show(before)} ({ckpt / 'args.json'}): "

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import fast, lean_lora, resume
+from . import distributed, fast, lean_lora, planner, resume
 from .args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import check_local
@@ -39,6 +39,9 @@ MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarel
 def run(args: SftArguments) -> int:
     t_start = time.time()
     marks = {"launch": _process_start(), "start": t_start}
+    par = distributed.setup(args)  # one process, or one of several under torchrun
+    if args.dry_run:
+        return planner.dry_run(args, par.world)
     # 1. Model files and tokenizer (fast), then the data, read and tokenized once and cached on disk:
     #    data problems surface before the weights load. Missing files are caught first of all.
     check_local(args.dataset + args.val_dataset)
@@ -48,7 +51,8 @@ def run(args: SftArguments) -> int:
     load_config(resolved.path)
     tok = load_tokenizer(resolved.path)
     template = ChatTemplate(tok, args.system)
-    data = prepare(args, tok, resolved.path)
+    with par.main_first():  # rank 0 tokenizes and caches, the others read its cache
+        data = prepare(args, tok, resolved.path)
     for line in data.report:
         log(line)
     train_set, val_set, stats = data.train, data.val, data.stats
@@ -64,38 +68,47 @@ def run(args: SftArguments) -> int:
     if not train_set:
         raise UserError("no training samples left after tokenization (see the lines above)")
     marks["tokenized"] = time.time()
-    plan = run_plan(args, len(train_set))
+    plan = run_plan(args, len(train_set), par.world)
     for line in plan["messages"]:
         log(line)
     fingerprint = resume.data_fingerprint(train_set)
     ckpt = resume.find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
-    state = resume.check_same_run(ckpt, args, fingerprint) if ckpt else None
+    state = resume.check_same_run(ckpt, args, fingerprint, par.world) if ckpt else None
+    longest_row = _longest_row(train_set, args, plan["accumulation"])
+    device = par.device(args.device)
+    planner.check_fits(args, resolved.path, longest_row, device, par.world)  # before any weights load
 
     # 2. Model with LoRA, optimizer, schedule, run folder.
     torch = _seed_everything(args.seed)
-    device = pick_device(args.device)
     dtype = pick_dtype(args.torch_dtype, device)
-    model = load_model(resolved.path, dtype, device)
+    if par.fsdp and args.gradient_checkpointing is None:  # memory is planned per shard: recompute everything
+        args.gradient_checkpointing = 1.0
+    model = load_model(resolved.path, dtype, "cpu" if par.fsdp else device, args.quant_bits)  # FSDP: shards move
     marks["loaded"] = time.time()
-    model = prepare_model(model, args, device, longest_row=_longest_row(train_set, args, plan["accumulation"]))
+    model = prepare_model(model, args, device, longest_row=longest_row)
+    forward = par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
+    run_dir = None
     if ckpt:
         resume.restore(ckpt, model, optimizer, scheduler)
         state.update(checkpoint=ckpt, data_fingerprint=fingerprint)
-        run_dir = resume.continue_in(ckpt, args.output_dir, state["global_step"])
-        if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
-            save_args(args, run_dir / "args.json")
-        log(f"resuming from {ckpt} at step {state['global_step']} of {plan['max_steps']}; run folder: {run_dir}")
+        if par.main:
+            run_dir = resume.continue_in(ckpt, args.output_dir, state["global_step"])
+            if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
+                save_args(args, run_dir / "args.json")
+            log(f"resuming from {ckpt} at step {state['global_step']} of {plan['max_steps']}; run folder: {run_dir}")
     else:
         state = {"global_step": 0, "log_history": [], "data_fingerprint": fingerprint}
-        run_dir = new_run_dir(args.output_dir)
-        save_args(args, run_dir / "args.json")
-        log(f"run folder: {run_dir}")
+        if par.main:
+            run_dir = new_run_dir(args.output_dir)
+            save_args(args, run_dir / "args.json")
+            log(f"run folder: {run_dir}")
+    run_dir = Path(par.broadcast(str(run_dir) if par.main else None))  # rank 0 alone writes it
     marks["ready"] = time.time()
 
     try:
         last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device,
-                   resolved.name, marks, state)
+                   resolved.name, marks, state, par=par, forward=forward)
     except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
         raise resume.write_failed(e, run_dir) from None
     if last.get("stopped_by"):
@@ -103,19 +116,22 @@ def run(args: SftArguments) -> int:
         log(f"continue with: {resume.resume_command(last['checkpoint'])}")
         return last["stopped_by"]
     log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
-    print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
+    if par.main:
+        print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
     return 0
 
 
-def run_plan(args: SftArguments, n_samples: int) -> dict:
-    """How many optimizer steps this run makes, and a warning when that is too few to learn from."""
-    accumulation = args.effective_accumulation()
-    batches_per_epoch = math.ceil(n_samples / args.per_device_train_batch_size)
+def run_plan(args: SftArguments, n_samples: int, world: int = 1) -> dict:
+    """How many optimizer steps this run makes, and a warning when that is too few to learn from.
+    With several processes each optimizer step takes batch x accumulation samples from each of them."""
+    accumulation = args.effective_accumulation(world)
+    batches_per_epoch = math.ceil(n_samples / (args.per_device_train_batch_size * world))
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)  # a short last window still steps
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    per_step = min(n_samples, args.per_device_train_batch_size * accumulation)
+    per_step = min(n_samples, args.per_device_train_batch_size * accumulation * world)
+    gpus = f" x {world} processes" if world > 1 else ""
     msgs = [f"{n_samples} training samples, {per_step} per optimizer step "
-            f"(batch {args.per_device_train_batch_size} x accumulation {accumulation}): "
+            f"(batch {args.per_device_train_batch_size} x accumulation {accumulation}{gpus}): "
             f"{steps_per_epoch} step(s) per epoch, {max_steps} optimizer steps in all"]
     if max_steps < MIN_USEFUL_STEPS:
         fix = max(1, math.floor(batches_per_epoch * args.num_train_epochs / MIN_USEFUL_STEPS))
@@ -147,8 +163,10 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         lean = lean_lora.all_lean(model)
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
+        reserve = planner.loss_bytes(model.config.vocab_size, model.config.hidden_size, longest_row or 0, 2)
         liger = any("Liger" in n for n in notes)
-        share = fast.plan_checkpointing(model, longest_row, liger, lean, memory_budget) if device.startswith("cuda") else 0.0
+        share = fast.plan_checkpointing(model, longest_row, liger, lean, reserve=reserve,
+                                        budget=memory_budget) if device.startswith("cuda") else 0.0
     n = fast.checkpoint_layers(model, float(share), preserve_rng=not lean)
     notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
     log("fast path: " + ", ".join(notes))
@@ -212,38 +230,49 @@ def build_optimizer(model, args: SftArguments, max_steps: int):
 
 
 def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name,
-        marks=None, state=None) -> dict:
-    """Train from step state["global_step"] + 1 (0 for a new run) to max_steps."""
-    import torch
+        marks=None, state=None, par=None, forward=None) -> dict:
+    """Train from step state["global_step"] + 1 (0 for a new run) to max_steps.
+    `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss."""
     from tqdm import tqdm
 
+    par = par or distributed.Parallel()
+    forward = forward or (lambda batch: loss_of(model, batch))
     max_steps, accumulation = plan["max_steps"], plan["accumulation"]
     state = state or {"global_step": 0, "log_history": []}
     done = state["global_step"]
     windows = itertools.islice(  # a resumed run skips the windows it already trained on
-        batch_windows(len(train_set), args.per_device_train_batch_size, accumulation, args.seed), done, None)
+        batch_windows(len(train_set), args.per_device_train_batch_size, accumulation * par.world, args.seed), done, None)
     eval_steps = args.eval_steps or args.save_steps
-    log_path = run_dir / "logging.jsonl"
+    log_path = run_dir / "logging.jsonl" if par.main else None  # rank 0 alone writes
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if par.main else (lambda msg: None)
     history = state["log_history"]
     pending = state.get("pending") or {"loss": [], "tokens": 0, "grad_norm": []}
     last_ckpt = state.get("checkpoint")
     nonfinite = NonFinite(args.max_nonfinite_steps)
     t0 = time.time() - state.get("elapsed", 0.0)
     bar = tqdm(total=max_steps, initial=done, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=os.environ.get("TUNESMITH_NO_PROGRESS") == "1")
+               disable=os.environ.get("TUNESMITH_NO_PROGRESS") == "1" or not par.main)
     model.train()
     with StopSignals() as stop:
         for step in range(done + 1, max_steps + 1):
             epoch, window = next(windows)
-            samples = [train_set[i] for i in window]
-            n_target = sum(s.n_trained for s in samples)
+            whole = [train_set[i] for i in window]
+            n_target = sum(s.n_trained for s in whole)  # the whole window's, on every rank
+            mine = par.share(window, lambda i: len(train_set[i].input_ids))
+            weight = par.loss_scale / n_target
+            if not mine:  # fewer samples than processes: join the gradient exchange with a zero loss
+                mine, weight = window[:1], 0.0
+            samples = [train_set[i] for i in mine]
 
             loss_sum = 0.0
-            for micro in micro_batches(samples, args, device):
-                loss = nonfinite.poison(loss_of(model, micro) / n_target, step)  # mean over the window's answer tokens
-                loss.backward()
+            for micro, last in _with_last(micro_batches(samples, args, device)):
+                with par.no_sync(last):  # gradients are exchanged after the window's last micro-batch
+                    loss = nonfinite.poison(forward(micro) * weight, step)  # mean over the window's answer tokens
+                    loss.backward()
                 loss_sum = loss_sum + loss.detach()
-            loss_sum = float(loss_sum)  # one host sync per optimizer step
+            # one host sync per optimizer step; the ranks' parts of the loss, and any stop request, summed
+            loss_sum, stops = par.sum_floats(float(loss_sum) / par.loss_scale, stop.requested, device=device)
+            stopping = stops > 0
             grad_norm = _clip(model, args.max_grad_norm)
             good = nonfinite.ok(step, loss_sum, grad_norm)
             if good:  # a NaN/inf step changes nothing; the schedule still moves on with the data
@@ -260,7 +289,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
             if good:
                 pending["loss"].append(loss_sum)
                 pending["grad_norm"].append(grad_norm)
-            pending["tokens"] += sum(len(s.input_ids) for s in samples)
+            pending["tokens"] += sum(len(s.input_ids) for s in whole)
             elapsed = time.time() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -285,39 +314,45 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
                 pending = {"loss": [], "tokens": 0, "grad_norm": [], "since": elapsed}
 
             if val_set and (step % eval_steps == 0 or step == max_steps):
-                val_loss = evaluate(model, val_set, args, device)
+                val_loss = evaluate(model, val_set, args, device, forward)
                 _append_jsonl(log_path, {"eval_loss": round(val_loss, 6), "global_step/max_steps": f"{step}/{max_steps}",
                                          "elapsed_time": _hms(time.time() - t0)})
                 history.append({"step": step, "eval_loss": val_loss})
-                bar.write(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}", file=sys.stderr)
+                say(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}")
 
-            if (step % args.save_steps == 0 and good) or step == max_steps or stop.requested:
+            if (step % args.save_steps == 0 and good) or step == max_steps or stopping:
                 trainer_state = {"global_step": step, "max_steps": max_steps, "epoch": step / plan["steps_per_epoch"],
                                  "log_history": history, "base_model": model_name, "pending": pending,
-                                 "elapsed": time.time() - t0, "data_fingerprint": state.get("data_fingerprint")}
-                files = _resume_files(args, trainer_state, optimizer, scheduler)
-                last_ckpt = save_checkpoint(run_dir, step, model, files, args.save_total_limit)
-                bar.write(f"[tunesmith] saved {last_ckpt}", file=sys.stderr)
-            if stop.requested and step < max_steps:
+                                 "elapsed": time.time() - t0, "data_fingerprint": state.get("data_fingerprint"),
+                                 "world_size": par.world}
+                adapter, optim = par.adapter_state(model), par.optimizer_state(model, optimizer)  # FSDP: gathered
+                if par.main:
+                    files = _resume_files(args, trainer_state, optim, scheduler)
+                    save_checkpoint(run_dir, step, model, files, args.save_total_limit, adapter)
+                    say(f"[tunesmith] saved {run_dir / f'checkpoint-{step}'}")
+                par.barrier()  # the checkpoint is complete before any rank goes on
+                last_ckpt = run_dir / f"checkpoint-{step}"
+            if stopping and step < max_steps:
                 bar.close()
-                return {"checkpoint": last_ckpt, "step": step, "stopped_by": stop.exit_code}
+                return {"checkpoint": last_ckpt, "step": step, "stopped_by": stop.exit_code if stop.requested else 143}
     bar.close()
     runtime = time.time() - t0
     _append_jsonl(log_path, {"train_runtime": round(runtime, 2), "train_steps": max_steps,
                              "last_model_checkpoint": str(last_ckpt)})
     try:
-        plot_loss(history, run_dir / "images" / "train_loss.png")
+        if par.main:
+            plot_loss(history, run_dir / "images" / "train_loss.png")
     except OSError as e:  # the adapter is saved; a missing plot must not fail the run
         log(f"could not write the loss plot ({e.strerror})")
     return {"checkpoint": last_ckpt, "train_runtime": runtime}
 
 
-def _resume_files(args, trainer_state: dict, optimizer, scheduler) -> dict:
+def _resume_files(args, trainer_state: dict, optimizer_state: dict, scheduler) -> dict:
     """Everything besides the adapter that a checkpoint needs to continue exactly (resume.restore)."""
     return {
         "args.json": args_dict(args),
         "trainer_state.json": trainer_state,
-        "optimizer.pt": optimizer.state_dict(),
+        "optimizer.pt": optimizer_state,
         "scheduler.pt": scheduler.state_dict(),
         "rng_state.pth": _rng_state(),
     }
@@ -333,6 +368,19 @@ def batch_windows(n: int, batch_size: int, accumulation: int, seed: int):
         for start in range(0, n, per_window):
             yield epoch, order[start:start + per_window]
         epoch += 1
+
+
+def _with_last(items):
+    """(item, is_last) pairs, without materialising the iterator."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
 
 
 def micro_batches(samples: list[Encoded], args: SftArguments, device: str):
@@ -405,16 +453,19 @@ def loss_of(model, batch) -> "torch.Tensor":
         return fast.linear_cross_entropy(hidden, base.get_output_embeddings(), batch["loss_targets"])
 
 
-def evaluate(model, val_set: list[Encoded], args: SftArguments, device: str) -> float:
+def evaluate(model, val_set: list[Encoded], args: SftArguments, device: str, forward=None) -> float:
+    """Mean loss per answer token. Under torchrun every rank evaluates the whole set (FSDP needs all
+    ranks in each forward), so all agree without an exchange."""
     import torch
 
+    forward = forward or (lambda batch: loss_of(model, batch))
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(val_set), args.per_device_eval_batch_size):
             group = val_set[i:i + args.per_device_eval_batch_size]
             for micro in micro_batches(group, args, device):
-                total += loss_of(model, micro).item()
+                total += forward(micro).item()
             count += sum(s.n_trained for s in group)
     model.train()
     return total / max(1, count)
@@ -425,8 +476,10 @@ def _clip(model, max_norm: float) -> float:
 
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded DTensor
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -509,7 +562,9 @@ def _memory_gib(device: str) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _append_jsonl(path: Path, entry: dict) -> None:
+def _append_jsonl(path: Path | None, entry: dict) -> None:
+    if path is None:  # not rank 0
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry, ensure_ascii=False) + "\n")
 

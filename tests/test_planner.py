@@ -1,0 +1,75 @@
+"""The memory planner: `sft --dry_run` reads only config.json; its estimate matches peaks measured on an
+H100 (bench/RESULTS.md); a run that cannot fit is refused before loading, with settings that would fit."""
+
+import json
+
+import pytest
+
+from conftest import GUIDE_DATA, tunesmith
+from tunesmith import planner
+from tunesmith.args import SftArguments
+from tunesmith.errors import UserError
+
+QWEN7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+          "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+          "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
+GiB = 2**30
+
+
+@pytest.fixture
+def qwen7b(tmp_path):
+    folder = tmp_path / "Qwen2.5-7B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN7B))
+    return folder
+
+
+def test_parameter_count_is_the_real_one(qwen7b):
+    assert planner.read_shape(qwen7b).params == pytest.approx(7.62e9, rel=0.005)
+
+
+@pytest.mark.parametrize("lean, checkpointed, measured_gib", [(True, 0, 22.43), (True, 17, 18.31), (True, 28, 15.65),
+                                                               (False, 0, 28.14)])
+def test_estimate_matches_h100_measurements(qwen7b, lean, checkpointed, measured_gib):
+    """bench/RESULTS.md (session 2, bench_lora engines ts_gc0, ts_fit, ts_gc1, tsplain_gc0): 2048-token
+    steps, ~60% answer tokens, Liger kernels, with and without lean LoRA; peak allocated."""
+    s = planner.Settings(tokens=2048, loss_tokens=1229, checkpointed=checkpointed, liger=True, lean=lean)
+    est = planner.estimate(planner.read_shape(qwen7b), s)
+    assert est["allocated"] / GiB == pytest.approx(measured_gib, rel=0.15)
+    assert est["allocated"] / GiB >= measured_gib * 0.97  # errs on the safe side
+
+
+def test_dry_run_loads_only_the_config(qwen7b):
+    proc = tunesmith("sft", "--model", qwen7b, "--dry_run", "true", "--max_length", "4096", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    out = proc.stdout
+    assert "7.62 B parameters" in out and "4096-token forward passes" in out
+    for row in ["weights", "LoRA + gradients + AdamW", "activations", "total per GPU"]:
+        assert row in out
+    assert "QLoRA nf4 + ckpt" in out and "80 GB (A100/H100 80G): fits" in out
+    assert "24 GB (RTX 4090, A10): does NOT fit" in out and "--quant_method bnb --quant_bits 4" in out
+    assert "longest forward pass" in out
+    assert "loaded" not in proc.stderr  # no weights (there are none in the folder)
+
+
+def test_fsdp_shards_the_layers_across_gpus(qwen7b):
+    """Decoder layers are split; embeddings and the output layer (2.2 GB) stay whole during a step."""
+    args = SftArguments(dataset=["x"], fsdp=True, gradient_checkpointing=1.0)
+    shape = planner.read_shape(qwen7b)
+    one, two, four = (planner.estimate(shape, planner.settings_for(args, shape, 2048, world=n))["weights"] for n in (1, 2, 4))
+    assert two < 0.75 * one and four < 0.5 * one
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(qwen7b, monkeypatch):
+    monkeypatch.setattr(planner, "detected_card", lambda: ("NVIDIA GeForce RTX 4090", 24e9, 23e9))
+    args = SftArguments(dataset=["x"], max_length=32768, gradient_checkpointing=0.0)
+    with pytest.raises(UserError) as e:
+        planner.check_fits(args, qwen7b, 32768, "cuda", 1)
+    msg = str(e.value)
+    assert "per GPU" in msg and "RTX 4090 has 21.4 GiB free" in msg and "--max_length" in msg
+    planner.check_fits(SftArguments(dataset=["x"], quant_method="bnb", quant_bits=4), qwen7b, 1024, "cuda", 1)  # fits: no error
+
+
+def test_dry_run_needs_no_dataset(default_model):
+    proc = tunesmith("sft", "--dry_run", "true", "--model", "qwen2.5-0.5b")
+    assert "memory plan for qwen2.5-0.5b" in proc.stdout
+    assert tunesmith("sft", "--dataset", GUIDE_DATA, "--dry_run", "true").returncode == 0

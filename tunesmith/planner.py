@@ -1,0 +1,274 @@
+"""Peak GPU memory of a training run, from config.json alone (`sft --dry_run`, and the check before loading).
+
+    weights        base parameters (bf16, or 4/8-bit with QLoRA; a per-GPU shard with --fsdp)
+    adapter        LoRA weights, gradients and AdamW's two moments, all float32 (16 bytes a parameter)
+    activations    what backward needs, per token and layer (fast.activation_bytes: measured widths)
+    loss           one chunk of float32 logits and their gradient (fast.chunked_cross_entropy)
+    context        CUDA context, kernels and library workspaces, outside PyTorch's allocator
+
+Dense decoder architectures (Qwen2/3, Llama, Mistral, Gemma, ...): attention with grouped KV heads
+and a gated MLP. Checked against measured peaks on an H100 (bench/gpu_scale.sh).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+GiB = 2**30
+CONTEXT = 0.75 * GiB  # CUDA context + cuBLAS/flash workspaces; not counted by torch's allocator
+ALLOCATOR_SLACK = 1.03  # reserved / allocated with expandable segments
+ADAPTER_BYTES = 4 + 4 + 8  # float32 weight, gradient, AdamW exp_avg + exp_avg_sq
+CARDS = [("24 GB (RTX 4090, A10)", 24e9), ("40 GB (A100 40G)", 40e9), ("80 GB (A100/H100 80G)", 80e9)]
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Shape:
+    """What memory depends on, read from config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection in one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values())
+
+    @property
+    def outer_params(self) -> int:
+        """Parameters outside the decoder layers: embeddings, output layer, final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def layer_other_params(self) -> int:
+        """Norms and biases of one layer (never quantized)."""
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return 2 * self.hidden + bias
+
+    @property
+    def params(self) -> int:
+        return self.outer_params + self.layers * (self.layer_linear_params + self.layer_other_params)
+
+
+def read_shape(model_path: Path) -> Shape:
+    path = Path(model_path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = cfg.get("text_config", cfg)
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        return Shape(hidden=hidden, intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"], heads=heads,
+                     kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or hidden // heads,
+                     vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
+                     qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: cannot plan memory for this model ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class Settings:
+    """The run's choices that move memory."""
+
+    tokens: int  # longest packed row (or micro-batch) of one forward pass
+    loss_tokens: int  # answer tokens in it (the loss is computed only there)
+    checkpointed: int | None  # layers recomputed in backward; None: sft's automatic choice
+    quant_bits: int | None = None
+    world: int = 1
+    fsdp: bool = False
+    lora_rank: int = 8
+    targets: tuple[str, ...] = ("all-linear",)
+    elt: int = 2  # bytes per weight/activation element (bf16)
+    liger: bool = True
+    lean: bool = True  # lean LoRA (lean_lora.py): no stored dropout copies, SwiGLU product recomputed
+
+
+def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
+    """Bytes per GPU by component, and `total` (what the card must hold). `card` (free bytes) lets
+    `checkpointed=None` pick the layers as `sft` will (fast.fewest_checkpointed)."""
+    from . import fast
+
+    linear = shape.layers * shape.layer_linear_params
+    other = shape.layers * shape.layer_other_params + shape.outer_params
+    if s.quant_bits == 4:  # nf4 + double quantization: 8-bit absmax per 64 weights, fp32 per 256 blocks
+        weights = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + other * s.elt
+        weights += max(a * b for a, b in shape.linears().values()) * s.elt  # one weight dequantized at a time
+    elif s.quant_bits == 8:
+        weights = linear * (1 + 4 / 4096) + other * s.elt + max(a * b for a, b in shape.linears().values()) * s.elt
+    else:
+        weights = (linear + other) * s.elt
+    targets = LINEARS if "all-linear" in s.targets else [t for t in s.targets if t in LINEARS]
+    lora_params = shape.layers * sum(s.lora_rank * (a + b) for n, (a, b) in shape.linears().items() if n in targets)
+    adapter = lora_params * ADAPTER_BYTES
+    if s.fsdp and s.world > 1:  # layers sharded; two of them whole at a time (the one computing, the next)
+        layer_bytes = shape.layer_linear_params * s.elt
+        weights = (linear * s.elt) / s.world + 2 * layer_bytes + shape.outer_params * s.elt * (1 + 1 / s.world)
+        adapter = adapter / s.world
+    loss = loss_bytes(shape.vocab, shape.hidden, s.loss_tokens, s.elt)
+    checkpointed = s.checkpointed
+    if checkpointed is None:  # as sft plans it once the weights are on the GPU (fast.plan_checkpointing)
+        free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
+        checkpointed = fast.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean, 0.85 * (free - loss))
+    activations = fast.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean)
+    allocated = weights + adapter + activations + loss
+    total = allocated * ALLOCATOR_SLACK + CONTEXT
+    return {"weights": weights, "adapter": adapter, "activations": activations, "loss": loss, "allocated": allocated,
+            "total": total, "checkpointed": checkpointed, "lora_params": lora_params, "params": shape.params}
+
+
+def loss_bytes(vocab: int, hidden: int, loss_tokens: int, elt: int) -> int:
+    """The loss at answer positions (fast.linear_cross_entropy): one chunk of float32 logits (and
+    its half-precision softmax gradient) at a time, plus the gathered hidden states and their gradient."""
+    from . import fast
+
+    budget = inspect.signature(fast.linear_cross_entropy).parameters["budget_bytes"].default
+    rows = min(max(1, loss_tokens), max(64, budget // (4 * vocab)))
+    return (4 + elt) * rows * vocab + 2 * loss_tokens * hidden * elt
+
+
+def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
+    """The settings of `sft` ARGS on a GPU, for forward passes of `tokens` tokens, all of them answer
+    tokens (the worst case: the loss's logits grow with answer tokens)."""
+    import importlib.util
+
+    share = args.gradient_checkpointing
+    return Settings(tokens=tokens, loss_tokens=tokens, checkpointed=None if share is None else round(share * shape.layers),
+                    quant_bits=args.quant_bits if args.quant_method else None, world=world,
+                    fsdp=bool(args.fsdp) and world > 1, lora_rank=args.lora_rank, targets=tuple(args.target_modules),
+                    elt=4 if str(args.torch_dtype) in ("float32", "fp32") else 2,
+                    liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None,
+                    lean=args.lean_lora)
+
+
+def _with(s: Settings, **changes) -> Settings:
+    return Settings(**{**s.__dict__, **changes})
+
+
+def longest_fitting(shape: Shape, s: Settings, card: float) -> int:
+    """The most tokens per forward pass (all of them answer tokens) that fit `card` bytes; 0 if none."""
+    def fits(n):
+        return estimate(shape, _with(s, tokens=n, loss_tokens=n), card)["total"] <= card
+
+    lo, hi = 0, 1 << 22
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo // 64 * 64
+
+
+def detected_card() -> tuple[str, float, float] | None:
+    """(name, total bytes, free bytes) of this process's GPU, or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return torch.cuda.get_device_name(), float(total), float(free)
+    except Exception:
+        return None
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def dry_run(args, world: int = 1) -> int:
+    """`sft --dry_run`: the table of memory per GPU, and what fits the detected card (or common ones)."""
+    from .models import resolve_model
+
+    if world == 1:
+        world = int(os.environ.get("NPROC_PER_NODE", "1") or 1) * int(os.environ.get("NNODES", "1") or 1)
+    path = resolve_model(args.model).path
+    shape = read_shape(path)
+    card = detected_card()
+    tokens = max(args.max_length, args.per_device_train_batch_size * args.max_length) if args.packing_window \
+        else args.per_device_train_batch_size * args.max_length
+    base = settings_for(args, shape, tokens, world)
+    columns = [("no checkpointing", _with(base, checkpointed=0)), ("checkpointing", _with(base, checkpointed=shape.layers))]
+    if base.quant_bits is None:
+        columns.append(("QLoRA nf4 + ckpt", _with(base, checkpointed=shape.layers, quant_bits=4)))
+    est = [estimate(shape, c) for _, c in columns]
+    quant = f", base in {base.quant_bits} bits (bitsandbytes)" if base.quant_bits else ""
+    gpus = f", {world} GPUs {'sharded (FSDP2)' if base.fsdp else 'data parallel'}" if world > 1 else ""
+    print(f"memory plan for {Path(path).name}: {shape.params / 1e9:.2f} B parameters, {shape.layers} layers, "
+          f"{'bf16' if base.elt == 2 else 'float32'}{quant}{gpus}{', Liger kernels' if base.liger else ''}; "
+          f"LoRA r={args.lora_rank} on {' '.join(args.target_modules)}: {est[0]['lora_params'] / 1e6:.1f} M trainable; "
+          f"{tokens}-token forward passes (--max_length {args.max_length} x batch {args.per_device_train_batch_size})")
+    rows = [("weights", "weights"), ("LoRA + gradients + AdamW", "adapter"), ("activations", "activations"),
+            ("loss (logits chunk)", "loss"), ("total per GPU (+ CUDA context)", "total")]
+    width = max(len(n) for n, _ in columns) + 2
+    print(f"{'GiB per GPU':32s}" + "".join(f"{n:>{width}s}" for n, _ in columns))
+    for label, key in rows:
+        print(f"{label:32s}" + "".join(f"{_gib(e[key]):>{width}s}" for e in est))
+    if card:
+        cards = [(f"this GPU, {card[0]} ({_gib(card[2])} of {_gib(card[1])} GiB free)", card[2])]
+    else:
+        cards = CARDS
+        print("no CUDA GPU here: planned for GPUs in bf16")
+    for name, free in cards:
+        run = estimate(shape, base, free)
+        how = f"{run['checkpointed']} of {shape.layers} layers checkpointed" + (" (auto)" if base.checkpointed is None else "")
+        longest = longest_fitting(shape, _with(base, checkpointed=shape.layers if base.checkpointed is None else base.checkpointed), free)
+        batch = longest // args.max_length
+        fits = run["total"] <= free
+        print(f"{name}: {'fits' if fits else 'does NOT fit'}, {_gib(run['total'])} GiB with {how}; longest forward pass "
+              f"{longest} tokens (--max_length {longest} at batch 1"
+              + (f", or --per_device_train_batch_size {batch} at --max_length {args.max_length})" if batch >= 2 else ")"))
+        if not fits:
+            print("  " + suggestions(shape, base, free))
+    return 0
+
+
+def suggestions(shape: Shape, s: Settings, free: float) -> str:
+    """Settings that would fit `free` bytes, cheapest change first."""
+    tips = []
+    full = _with(s, checkpointed=shape.layers)
+    if s.checkpointed != shape.layers and estimate(shape, full, free)["total"] <= free:
+        tips.append("--gradient_checkpointing true")
+    if s.quant_bits is None and estimate(shape, _with(full, quant_bits=4), free)["total"] <= free:
+        tips.append("--quant_method bnb --quant_bits 4 (QLoRA)")
+    longest = longest_fitting(shape, full, free)
+    if longest >= 256:
+        tips.append(f"--max_length {longest} with checkpointing")
+    for n in (2, 4, 8):
+        if s.quant_bits is None and estimate(shape, _with(full, world=n, fsdp=True), free)["total"] <= free:
+            tips.append(f"NPROC_PER_NODE={n} --fsdp true")
+            break
+    return "would fit with: " + ("; or ".join(tips) if tips else "none of our settings; a GPU with more memory")
+
+
+def check_fits(args, model_path: Path, longest_row: int, device: str, world: int) -> None:
+    """Before any weights load: refuse a run whose estimate exceeds the GPU's free memory, saying what fits.
+    Conservative in one way only: every token of the longest forward pass is counted as an answer token."""
+    if not device.startswith("cuda"):
+        return
+    card = detected_card()
+    if card is None:
+        return
+    shape = read_shape(model_path)
+    s = settings_for(args, shape, longest_row, world)
+    est = estimate(shape, s, card[2])
+    if est["total"] <= card[2]:
+        return
+    raise UserError(
+        f"this run needs ~{_gib(est['total'])} GiB per GPU ({longest_row}-token forward passes; weights "
+        f"{_gib(est['weights'])}, activations {_gib(est['activations'])} with {est['checkpointed']} of {shape.layers} "
+        f"layers checkpointed, loss {_gib(est['loss'])}) but {card[0]} has {_gib(card[2])} GiB free; "
+        + suggestions(shape, s, card[2]) + " (see `tunesmith sft ... --dry_run`)")
