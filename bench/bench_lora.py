@@ -150,10 +150,11 @@ class Engine:
 
 
 def timed(engine: Engine, batches: list[list[Encoded]], warmup: int = 3):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # peaks include the warm-up (and a CUDA graph's capture)
     for b in batches[:warmup]:
         engine.step(b)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for b in batches[warmup:]:
         t = time.perf_counter()
@@ -229,6 +230,8 @@ def main():
         kind, share = name.split("_")[0], shares.get(name.split("_")[-1], 1.0)
         if name == "hf":
             share = 0.0
+        gc.collect()
+        torch.cuda.empty_cache()
         static = torch.cuda.memory_allocated()
         budget = None
         if share is None:  # ts_fit: no more memory than the baseline with checkpointing

@@ -20,7 +20,7 @@ STEPS=${STEPS:-10}
 T0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
-pip install --no-deps -q .device/wheels/*.whl 2>&1 | tail -1
+python3 -m pip install --no-deps -q .device/wheels/*.whl 2>&1 | tail -1
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, torch.cuda.get_device_name(), 'x', torch.cuda.device_count())"
 W=/tmp/scale; mkdir -p $W
 M=$W/Qwen2.5-7B-Instruct
@@ -45,9 +45,10 @@ qlora)
 ddp|fsdp)
   if [ "$GPUS" -lt 2 ]; then echo "part $part needs 2 GPUs (this machine has $GPUS)"; continue; fi
   cd $W
-  # the same 8-sample global batch: 1 GPU x accumulation 8, and 2 GPUs x accumulation 4
+  # the same 8-sample global batch: 1 GPU x accumulation 8, and 2 GPUs x accumulation 4; the same
+  # engine on both (CUDA graphs are single-process only, so they are off for this comparison)
   common="--model $M --dataset data.jsonl --max_steps $STEPS --per_device_train_batch_size 1 --lora_dropout 0 \
-          --logging_steps 1 --save_steps 1000 --max_length 2048 --torch_dtype bfloat16"
+          --logging_steps 1 --save_steps 1000 --max_length 2048 --torch_dtype bfloat16 --cuda_graphs false"
   if [ ! -f one.log ]; then
     stamp "1 GPU, accumulation 8"
     CUDA_VISIBLE_DEVICES=0 python3 -m tunesmith sft $common --gradient_accumulation_steps 8 --output_dir one 2>&1 | grep -v Loading > one.log; tail -3 one.log

@@ -132,6 +132,10 @@ class SftArguments(DataArguments):
     lean_lora: bool = arg(
         True, "run LoRA projections as one autograd function each (no stored dropout copies, fewer kernels)"
     )
+    cuda_graphs: bool = arg(
+        True, "on one CUDA GPU with lean LoRA: capture each packed row length's forward+backward once as a "
+        "CUDA graph and replay it (the GPU no longer waits for Python)"
+    )
     quant_method: Optional[str] = arg(
         None, "load the base model quantized (QLoRA): bnb (bitsandbytes; needs `pip install tunesmith[qlora]`)",
         choices=["bnb"],

@@ -25,6 +25,7 @@ class GraphedRows:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs: dict[int, tuple] = {}  # length -> (graph, static batch, loss, grads)
         self.pool = None
+        self.broken = False
 
     def _static(self, length: int, device) -> dict:
         ids = torch.zeros(1, length, dtype=torch.long, device=device)
@@ -97,28 +98,33 @@ class GraphedRows:
     def window(self, rows: list[dict], scale: float):
         """Loss (times scale) of a window of rows; leaves the window's gradient (times scale) in .grad.
         Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly."""
-        if any(len(r["cu_seq_lens_q"]) > MAX_SAMPLES + 1 for r in rows):
+        if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES + 1) for r in rows):
             return None
-        total, acc = None, None
-        for batch in rows:
-            loss, grads = self.row(batch)
-            if len(rows) == 1:
-                total, acc = loss * scale, grads
-                break
-            if acc is None:
-                acc = [g.clone() for g in grads]
-                total = loss.clone()
+        try:
+            replays = [self.row(batch) for batch in rows] if len(rows) == 1 else None
+            if replays is None:  # several rows: sum their gradients (each replay overwrites its graph's)
+                total, acc = None, None
+                for batch in rows:
+                    loss, grads = self.row(batch)
+                    if acc is None:
+                        total, acc = loss.clone(), [g.clone() for g in grads]
+                    else:
+                        total += loss
+                        torch._foreach_add_(acc, grads)
             else:
-                torch._foreach_add_(acc, grads)
-                total += loss
-        if len(rows) == 1:
-            torch._foreach_mul_(acc, scale)
-        else:
-            torch._foreach_mul_(acc, scale)
-            total = total * scale
+                (total, acc), = replays
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a kernel that cannot be captured, or no room
+            from .models import log
+
+            self.broken = True
+            log(f"CUDA graphs off ({str(e).splitlines()[0][:120]}); running eagerly")
+            for p in self.params:
+                p.grad = None
+            return None
+        torch._foreach_mul_(acc, scale)
         for p, g in zip(self.params, acc):
             p.grad = g
-        return total
+        return total * scale
 
 
 def usable(model, device) -> bool:

@@ -31,7 +31,7 @@ from .models import log
 SAFE_TO_CHANGE = {
     "output_dir", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
     "dataloader_num_workers", "report_to", "resume_from_checkpoint", "max_nonfinite_steps", "device",
-    "gradient_checkpointing", "use_liger", "lean_lora", "fsdp", "dry_run",
+    "gradient_checkpointing", "use_liger", "lean_lora", "cuda_graphs", "fsdp", "dry_run",
 }
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import distributed, fast, lean_lora, planner, resume
+from . import distributed, fast, graphs, lean_lora, planner, resume
 from .args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import check_local
@@ -87,6 +87,9 @@ def run(args: SftArguments) -> int:
     marks["loaded"] = time.time()
     model = prepare_model(model, args, device, longest_row=longest_row)
     forward = par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
+    graphed = None
+    if args.cuda_graphs and not par.active and graphs.usable(model, device):
+        graphed = graphs.GraphedRows(model, forward)
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
     run_dir = None
     if ckpt:
@@ -108,7 +111,7 @@ def run(args: SftArguments) -> int:
 
     try:
         last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device,
-                   resolved.name, marks, state, par=par, forward=forward)
+                   resolved.name, marks, state, par=par, forward=forward, graphed=graphed)
     except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
         raise resume.write_failed(e, run_dir) from None
     if last.get("stopped_by"):
@@ -230,9 +233,10 @@ def build_optimizer(model, args: SftArguments, max_steps: int):
 
 
 def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name,
-        marks=None, state=None, par=None, forward=None) -> dict:
+        marks=None, state=None, par=None, forward=None, graphed=None) -> dict:
     """Train from step state["global_step"] + 1 (0 for a new run) to max_steps.
-    `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss."""
+    `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss;
+    `graphed` (graphs.py): replays each packed row from a CUDA graph where it can."""
     from tqdm import tqdm
 
     par = par or distributed.Parallel()
@@ -265,7 +269,11 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
             samples = [train_set[i] for i in mine]
 
             loss_sum = 0.0
-            for micro, last in _with_last(micro_batches(samples, args, device)):
+            micros = list(micro_batches(samples, args, device))
+            replayed = graphed.window(micros, weight) if graphed else None  # forward+backward, from CUDA graphs
+            if replayed is not None:
+                loss_sum = nonfinite.poison(replayed, step)
+            for micro, last in _with_last(micros if replayed is None else []):
                 with par.no_sync(last):  # gradients are exchanged after the window's last micro-batch
                     loss = nonfinite.poison(forward(micro) * weight, step)  # mean over the window's answer tokens
                     loss.backward()
