@@ -16,6 +16,7 @@ import torch
 
 BUCKET = 256
 MAX_SAMPLES = 64
+CAPTURE_AFTER = 3  # a row length runs eagerly this often before it is captured: short runs pay no capture
 
 
 class GraphedRows:
@@ -26,6 +27,7 @@ class GraphedRows:
         self.graphs: dict[int, tuple] = {}  # length -> (graph, static batch, loss, grads)
         self.pool = None
         self.broken = False
+        self.seen: dict[int, int] = {}
 
     def _static(self, length: int, device) -> dict:
         ids = torch.zeros(1, length, dtype=torch.long, device=device)
@@ -64,11 +66,10 @@ class GraphedRows:
         saved = [p.grad for p in self.params]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up passes: kernels compiled, workspaces allocated
-            for _ in range(2):
-                for p in self.params:
-                    p.grad = None
-                self.loss_fn(static).backward()
+        with torch.cuda.stream(side):  # a warm-up pass on a side stream, as capture wants
+            for p in self.params:
+                p.grad = None
+            self.loss_fn(static).backward()
         torch.cuda.current_stream().wait_stream(side)
         for p in self.params:
             p.grad = None  # backward inside the capture makes the gradients, in the graph's memory
@@ -99,6 +100,11 @@ class GraphedRows:
         """Loss (times scale) of a window of rows; leaves the window's gradient (times scale) in .grad.
         Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly."""
         if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES + 1) for r in rows):
+            return None
+        lengths = [-(-r["input_ids"].shape[1] // BUCKET) * BUCKET for r in rows]
+        for n in lengths:
+            self.seen[n] = self.seen.get(n, 0) + 1
+        if any(n not in self.graphs and self.seen[n] <= CAPTURE_AFTER for n in lengths):
             return None
         try:
             replays = [self.row(batch) for batch in rows] if len(rows) == 1 else None
