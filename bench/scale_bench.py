@@ -49,7 +49,8 @@ def memory(a) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info()[0]
-        args = lora_args(max_length=n, **({"quant_method": "bnb", "quant_bits": a.quant_bits} if a.quant_bits else {}))
+        args = lora_args(max_length=n, gradient_checkpointing=a.checkpointing,
+                         **({"quant_method": "bnb", "quant_bits": a.quant_bits} if a.quant_bits else {}))
         model = prepare_model(base, args, "cuda", longest_row=n)
         checkpointed = sum(1 for m in model.modules() if "_tunesmith_plain_forward" in m.__dict__)
         optimizer, _ = build_optimizer(model, args, 1000)
@@ -155,6 +156,7 @@ def main():
     m.add_argument("model")
     m.add_argument("--lengths", default="1024,2048,4096,8192")
     m.add_argument("--quant_bits", type=int, default=None)
+    m.add_argument("--checkpointing", type=float, default=None, help="share of layers checkpointed (default: sft's plan)")
     m.add_argument("--steps", type=int, default=8, help="steps at --timed_length (3 elsewhere)")
     m.add_argument("--timed_length", type=int, default=2048)
     m.add_argument("--out", default="memory.json")

@@ -73,3 +73,15 @@ def test_dry_run_needs_no_dataset(default_model):
     proc = tunesmith("sft", "--dry_run", "true", "--model", "qwen2.5-0.5b")
     assert "memory plan for qwen2.5-0.5b" in proc.stdout
     assert tunesmith("sft", "--dataset", GUIDE_DATA, "--dry_run", "true").returncode == 0
+
+
+@pytest.mark.parametrize("quant_bits, checkpointed, tokens, loss_tokens, measured_gib", [
+    (4, 0, 2048, 1232, 21.1), (4, 0, 8192, 4926, 65.7), (4, 28, 2048, 1232, 6.67), (None, 0, 8192, 4926, 44.2)])
+def test_estimate_matches_h100_measurements_with_qlora_and_long_rows(qwen7b, quant_bits, checkpointed, tokens,
+                                                                    loss_tokens, measured_gib):
+    """bench/RESULTS.md (session 2, bench/scale_bench.py memory): QLoRA nf4 with and without
+    checkpointing, and an 8192-token row; peak allocated."""
+    s = planner.Settings(tokens=tokens, loss_tokens=loss_tokens, checkpointed=checkpointed, liger=True,
+                         lean=quant_bits is None, quant_bits=quant_bits)
+    est = planner.estimate(planner.read_shape(qwen7b), s)
+    assert est["allocated"] / GiB == pytest.approx(measured_gib, rel=0.15)

@@ -188,21 +188,25 @@ def apply_liger(model, swiglu: bool = True) -> list[str]:
 # (Liger kernels, lean LoRA); measured on the Qwen2.5-7B architecture on an H100 (bench/RESULTS.md).
 ACTIVATION_WIDTH = {(True, True): 20, (False, True): 28, (True, False): 35, (False, False): 52}
 MARGIN_WIDTH = 6  # gradients in flight between layers, residual sums: a few more hidden-wide tensors
+QUANTIZED_EXTRA_WIDTH = 4  # a bitsandbytes 4/8-bit base keeps a little more per layer (measured: 39 vs 35)
 
 
 def activation_bytes(layers: int, hidden: int, elt: int, tokens: int, checkpointed: int, liger: bool,
-                     lean: bool = True) -> int:
+                     lean: bool = True, quantized: bool = False) -> int:
     """Saved activations of one forward pass of `tokens` tokens with `checkpointed` of the `layers`
     layers recomputed in backward (one layer's full activations exist during its recompute)."""
-    full = ACTIVATION_WIDTH[(liger, lean)] * hidden * elt * tokens  # one layer, nothing recomputed
+    width = ACTIVATION_WIDTH[(liger, lean)] + (QUANTIZED_EXTRA_WIDTH if quantized else 0)
+    full = width * hidden * elt * tokens  # one layer, nothing recomputed
     kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
     margin = MARGIN_WIDTH * hidden * elt * tokens
     return (layers - checkpointed) * full + checkpointed * kept + (full if checkpointed else 0) + margin
 
 
-def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: bool, lean: bool, budget: float) -> int:
+def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: bool, lean: bool, budget: float,
+                        quantized: bool = False) -> int:
     """The fewest layers to checkpoint so the activations fit in `budget` bytes (all of them if none fits)."""
-    fits = (k for k in range(layers + 1) if activation_bytes(layers, hidden, elt, tokens, k, liger, lean) <= budget)
+    fits = (k for k in range(layers + 1)
+            if activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized) <= budget)
     return next(fits, layers)
 
 
@@ -224,8 +228,9 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
         free = (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
     else:
         free = budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
-    k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free)
-    need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean)
+    quantized = bool(getattr(cfg, "quantization_config", None))
+    k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free, quantized)
+    need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized)
     if need <= free:
         log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
             f"checkpointed ({free / 2**30:.1f} GiB usable)")

@@ -124,8 +124,10 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     checkpointed = s.checkpointed
     if checkpointed is None:  # as sft plans it once the weights are on the GPU (fast.plan_checkpointing)
         free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
-        checkpointed = fast.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean, 0.85 * (free - loss))
-    activations = fast.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean)
+        checkpointed = fast.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean,
+                                                0.85 * (free - loss), bool(s.quant_bits))
+    activations = fast.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean,
+                                        bool(s.quant_bits))
     allocated = weights + adapter + activations + loss
     total = allocated * ALLOCATOR_SLACK + CONTEXT
     return {"weights": weights, "adapter": adapter, "activations": activations, "loss": loss, "allocated": allocated,
@@ -153,7 +155,7 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
                     fsdp=bool(args.fsdp) and world > 1, lora_rank=args.lora_rank, targets=tuple(args.target_modules),
                     elt=4 if str(args.torch_dtype) in ("float32", "fp32") else 2,
                     liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None,
-                    lean=args.lean_lora)
+                    lean=args.lean_lora and not args.quant_method)  # lean LoRA needs a plain (unquantized) base
 
 
 def _with(s: Settings, **changes) -> Settings:
