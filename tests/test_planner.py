@@ -40,9 +40,9 @@ def test_estimate_matches_h100_measurements(qwen7b, lean, checkpointed, measured
 
 
 def test_dry_run_loads_only_the_config(qwen7b):
-    proc = tunesmith("sft", "--model", qwen7b, "--dry_run", "true", "--max_length", "65536", env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    proc = tunesmith("sft", "--model", qwen7b, "--dry_run", "true", "--max_length", "32768", env_extra={"CUDA_VISIBLE_DEVICES": ""})
     out = proc.stdout
-    assert "7.62 B parameters" in out and "65536-token forward passes" in out
+    assert "7.62 B parameters" in out and "32768-token forward passes" in out
     for row in ["weights", "LoRA + gradients + AdamW", "activations", "total per GPU"]:
         assert row in out
     assert "QLoRA nf4 + ckpt" in out and "80 GB (A100/H100 80G): fits" in out
