@@ -4,6 +4,7 @@
     tunesmith infer [config.yaml] --flag value ...   chat with a base model or adapter
     tunesmith data inspect DATASET... --flag value   what training would see: counts, lengths, loss mask
     tunesmith export / deploy / eval ...             merge and GGUF, serve, before/after table
+    tunesmith web-ui [--port 7860]                   train and chat in the browser
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COMMANDS = {
     "export": ("ExportArguments", "tunesmith.export", "merge an adapter into its base model; write GGUF"),
     "deploy": ("DeployArguments", "tunesmith.serve", "serve the model over an OpenAI-compatible HTTP API"),
     "eval": ("EvalArguments", "tunesmith.evaluate", "compare base and tuned answers side by side"),
+    "web-ui": ("WebUiArguments", "tunesmith.webui", "train and chat in the browser (the same sft commands, shown)"),
 }
 
 TRUE = {"true", "1", "yes", "y", "on"}
