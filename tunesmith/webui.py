@@ -96,7 +96,9 @@ def command(name: str, values: dict[str, str]) -> list[str]:
         raise UserError("no training data: pick the built-in self-cognition set, upload a file, or name one")
     args = cli.parse_args(name, [t for k, v in argv.items() for t in [f"--{k}", *v]])
     check_local(args.dataset + args.val_dataset)  # a missing file is said now, not after the run starts
-    changed = [k for k in argv if k in ("model", "dataset") or getattr(args, k) != _default(fields[k])]
+    first = ["model", "dataset"]  # then in the order of the dataclass, as --help lists them
+    changed = [k for k in first + [k for k in fields if k not in first]
+               if k in argv and (k in first or getattr(args, k) != _default(fields[k]))]
     if name == "data":
         return ["data", "inspect", *argv["dataset"], *[t for k in changed if k != "dataset" for t in [f"--{k}", *argv[k]]]]
     return [name, *[t for k in changed for t in [f"--{k}", *argv[k]]]]
@@ -341,7 +343,7 @@ def build_app(args: WebUiArguments) -> FastAPI:
     @app.post("/api/command")
     async def preview(request: Request):
         values = await _values(request)
-        return {"command": shown(command("sft", values))}
+        return {"command": shown(command("sft", {**values, "output_dir": str(output_dir)}))}
 
     @app.post("/api/inspect")
     async def inspect(request: Request):

@@ -20,6 +20,10 @@ function quote(s) { // as shlex.quote
   return /^[\w@%+=:,./#-]+$/.test(s) ? s : "'" + s.replace(/'/g, `'"'"'`) + "'";
 }
 
+function short(path) { // run folder and checkpoint: output/v0-…/checkpoint-40 -> v0-…/checkpoint-40
+  return path.split("/").slice(-2).join("/");
+}
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   Object.assign(node, attrs || {});
@@ -75,12 +79,35 @@ function values() {
   return out;
 }
 
+const SAVED = "tunesmith-web-ui-form";
+
+function saveForm() {
+  const fields = {};
+  for (const input of document.querySelectorAll("[data-name]")) fields[input.dataset.name] = input.value;
+  const checked = [...$("datasets").querySelectorAll("input[type=checkbox]:checked")].map((c) => c.value);
+  const counts = {};
+  for (const n of $("datasets").querySelectorAll("input[type=number]")) counts[n.id] = n.value;
+  localStorage.setItem(SAVED, JSON.stringify({ model: $("model").value, fields, checked, counts, more: $("more-datasets").value }));
+}
+
+function restoreForm() {
+  let saved;
+  try { saved = JSON.parse(localStorage.getItem(SAVED)); } catch (e) { return; }
+  if (!saved) return;
+  $("model").value = saved.model || setup.model;
+  for (const [name, value] of Object.entries(saved.fields || {})) if ($(`f-${name}`)) $(`f-${name}`).value = value;
+  for (const c of $("datasets").querySelectorAll("input[type=checkbox]")) c.checked = (saved.checked || []).includes(c.value);
+  for (const [id, value] of Object.entries(saved.counts || {})) if ($(id)) $(id).value = value;
+  $("more-datasets").value = saved.more || "";
+}
+
 function showError(message) {
   $("error").textContent = message || "";
   $("error").hidden = !message;
 }
 
 async function preview() {
+  saveForm();
   try {
     $("command").textContent = (await api("/api/command", values())).command;
     showError("");
@@ -88,6 +115,7 @@ async function preview() {
     $("command").textContent = "";
     showError(e.message);
   }
+  $("command").hidden = !$("command").textContent;
 }
 
 async function inspect() {
@@ -159,7 +187,7 @@ async function refresh() {
   if (run.elapsed) parts.push(`elapsed ${run.elapsed}`);
   if (going && run.remaining) parts.push(`ETA ${run.remaining}`);
   if (run.points && run.points.length) parts.push(`loss ${run.points[run.points.length - 1][1].toFixed(4)}`);
-  if (run.checkpoint) parts.push(`checkpoint ${run.checkpoint}`);
+  if (run.checkpoint) parts.push(`checkpoint ${short(run.checkpoint)}`);
   if (run.error) parts.push(run.error);
   if (going && !run.max_steps && run.log && run.log.length) parts.push(run.log[run.log.length - 1]);
   $("progress").textContent = parts.join(" · ") || (run.status === "idle" ? "no run yet" : "");
@@ -177,7 +205,7 @@ async function loadCheckpoints(prefer) {
   const select = $("checkpoint");
   const before = select.value;
   select.replaceChildren(el("option", { value: "" }, checkpoints.length ? "(base only)" : "(no checkpoint yet)"),
-    ...checkpoints.map((c) => el("option", { value: c }, c)));
+    ...checkpoints.map((c) => el("option", { value: c, title: c }, short(c))));
   select.value = checkpoints.includes(prefer) ? prefer : checkpoints.includes(before) ? before : checkpoints[0] || "";
 }
 
@@ -293,7 +321,9 @@ async function main() {
   $("model").value = setup.model;
   drawDatasets();
   drawForm();
+  restoreForm();
   for (const id of ["model", "more-datasets"]) $(id).addEventListener("change", preview);
+  $("datasets").addEventListener("input", saveForm);
   $("datasets").addEventListener("change", preview);
   $("upload").addEventListener("change", upload);
   $("inspect").addEventListener("click", inspect);
