@@ -128,7 +128,7 @@ class Runs:
         self.output_dir = output_dir
         self.folder = writable_dir(output_dir / "webui", "--output_dir")
         self.state_file = self.folder / "run.json"
-        self.lock = threading.Lock()
+        self.lock, self.save_lock = threading.Lock(), threading.Lock()
         self.proc: subprocess.Popen | None = None  # the child we started, so its exit is collected
 
     def start(self, argv: list[str]) -> dict:
@@ -148,9 +148,7 @@ class Runs:
 
             state = {"pid": self.proc.pid, "create_time": psutil.Process(self.proc.pid).create_time(), "argv": argv,
                      "command": shown(argv), "log": str(log_path), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
-            tmp.replace(self.state_file)
+            self._save(state)
             return self.status()
 
     def stop(self) -> dict:
@@ -158,9 +156,17 @@ class Runs:
         if not current or not self._alive(current):
             raise ApiError(409, "no run is going", code="no_run")
         os.kill(current["pid"], signal.SIGINT)  # as Ctrl-C: finish the step, save a checkpoint (guards.py)
-        current["stop_requested"] = time.time()
-        self.state_file.write_text(json.dumps(current, ensure_ascii=False, indent=2), encoding="utf-8")
+        self._save(stop_requested=time.time())
         return self.status()
+
+    def _save(self, state: dict | None = None, **changes) -> None:
+        """A new state, or changes to the current one. Written whole and renamed into place: a tab polling meanwhile
+        never reads half a file (and so no run)."""
+        with self.save_lock:
+            state = {**(state or self._load() or {}), **changes}
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
+            tmp.replace(self.state_file)
 
     def _load(self) -> dict | None:
         try:
@@ -191,8 +197,7 @@ class Runs:
                "points": [], "eval_points": []}
         run_dir = state.get("run_dir") or _found(r"run folder: (.+)", Path(state["log"]))
         if run_dir and not state.get("run_dir"):
-            state["run_dir"] = run_dir
-            self.state_file.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
+            self._save(run_dir=run_dir)
         if run_dir:
             out["run_dir"] = run_dir
             out.update(_progress(Path(run_dir) / "logging.jsonl"))

@@ -106,16 +106,16 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+let previews = 0;
 async function preview() {
   saveForm();
-  try {
-    $("command").textContent = (await api("/api/command", values())).command;
-    showError("");
-  } catch (e) {
-    $("command").textContent = "";
-    showError(e.message);
-  }
-  $("command").hidden = !$("command").textContent;
+  const mine = ++previews;
+  let command = "", error = "";
+  try { command = (await api("/api/command", values())).command; } catch (e) { error = e.message; }
+  if (mine !== previews) return; // an answer to an older form, overtaken by a newer one
+  $("command").textContent = command;
+  $("command").hidden = !command;
+  showError(error);
 }
 
 async function inspect() {
@@ -154,6 +154,7 @@ async function upload() {
 
 async function start() {
   $("start").disabled = true;
+  previews++; // what start says wins over a preview still on its way
   try {
     await api("/api/run", values());
     showError("");
