@@ -2,6 +2,7 @@
 headless Chromium (Playwright) — pick the small model and the built-in data, inspect it, train, watch the chart,
 reload, try a duplicate run from a second tab, stop with a checkpoint kept, and chat with base and tuned side by side."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,22 +22,30 @@ MODEL = "smollm2-135m"
 SCREENSHOT = ROOT / "docs" / "webui.png"
 
 
+@contextlib.contextmanager
+def web_ui(out: Path):
+    """`tunesmith web-ui --port 0` on `out`; yields its base URL."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # its runs inherit one thread each
+    with open(out.parent / "web-ui.log", "a") as log:  # its stderr, kept for a failing test's post-mortem
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "web-ui", "--port", "0", "--output_dir", out,
+                                 "--max_new_tokens", "24"], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("web-ui: http://127.0.0.1:"), line + (out.parent / "web-ui.log").read_text()
+            yield line.split(" ", 1)[1].strip().rstrip("/")
+        finally:
+            stop_process(proc)
+
+
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    """A running `tunesmith web-ui` on a free port; yields (base URL, its output dir)."""
+    """A running `tunesmith web-ui`; yields (base URL, its output dir)."""
     out = tmp_path_factory.mktemp("webui") / "output"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # its runs inherit one thread each
-    errors = open(out.parent / "stderr.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "web-ui", "--port", "0", "--output_dir", out,
-                             "--max_new_tokens", "24"], stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("web-ui: http://127.0.0.1:"), line + (out.parent / "stderr.log").read_text()
-        yield line.split(" ", 1)[1].strip().rstrip("/"), out
+        with web_ui(out) as url:
+            yield url, out
     finally:
         stop_run(out)
-        stop_process(proc)
-        errors.close()
 
 
 def stop_run(out: Path) -> None:
@@ -148,6 +157,10 @@ def test_train_watch_stop_and_chat_in_a_real_browser(webui):
         second.evaluate("start()")  # as if its button had been clicked before it learned of the run
         expect(second.locator("#error")).to_contain_text("a run is already going")
         second.close()
+        with web_ui(out) as restarted:  # another web-ui on the same folder (or this one restarted) knows the run too
+            assert call(restarted + "/api/run")[1]["status"] == "running"
+            code, answer = call(restarted + "/api/run", {"model": MODEL, "dataset": "self-cognition"})
+            assert code == 409 and "a run is already going" in answer["error"]["message"]
         assert len(list(out.glob("v*-*"))) == 1
 
         page.click("#stop")
@@ -166,6 +179,8 @@ def test_train_watch_stop_and_chat_in_a_real_browser(webui):
         tuned = page.locator("#tuned-answers .a").last.inner_text()
         assert len(base) > 5 and len(tuned) > 5 and base != tuned, (base, tuned)
         assert page.evaluate("window.pieces") >= 4  # streamed: the answer grew piece by piece
+        page.click("#inspect")  # for the screenshot: the data and its loss mask next to the run
+        expect(page.locator("#inspect-output mark", has_text="Robbie").first).to_be_visible(timeout=60_000)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()

@@ -65,7 +65,7 @@ def _converter(f: dataclasses.Field, tp):
     return SPECIAL_TYPES.get(f.metadata.get("type_hint")) or (parse_bool if tp is bool else tp)
 
 
-def _field_kind(f: dataclasses.Field, hints: dict):
+def field_kind(f: dataclasses.Field, hints: dict):
     """(scalar type, is_list) of a dataclass field."""
     tp = hints[f.name]
     is_list = False
@@ -92,7 +92,7 @@ def build_parser(command: str, cls) -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="optional YAML or JSON file with the same keys as the flags")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, is_list = _field_kind(f, hints)
+        tp, is_list = field_kind(f, hints)
         names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", [])]
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
         conv = _converter(f, tp)
@@ -143,7 +143,7 @@ def _load_config(path: str, cls, command: str) -> dict:
         name = aliases.get(key, key)
         if name not in known:
             raise UserError(f"{path}: unknown key '{key}'" + _suggest(key, cls).format(command))
-        tp, is_list = _field_kind(known[name], hints)
+        tp, is_list = field_kind(known[name], hints)
         if is_list and not isinstance(value, list):
             value = [value]
         try:

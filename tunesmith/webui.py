@@ -66,9 +66,8 @@ def form_fields() -> list[dict]:
     for f in dataclasses.fields(SftArguments):
         if f.name in NOT_IN_FORM:
             continue
-        tp, is_list = cli._field_kind(f, hints)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        value = GUIDE.get(f.name, default)
+        tp, is_list = cli.field_kind(f, hints)
+        value = GUIDE.get(f.name, _default(f))
         kind = "bool" if tp is bool else "list" if is_list else "number" if tp in (int, float) else "text"
         out.append({"name": f.name, "kind": kind, "help": f.metadata.get("help", ""), "choices": f.metadata.get("choices"),
                     "value": "" if value is None else shlex.join(value) if is_list else str(value).lower() if tp is bool
@@ -87,7 +86,7 @@ def command(name: str, values: dict[str, str]) -> list[str]:
         value = "" if value is None else str(value).strip()
         if key not in fields or not value:
             continue
-        is_list = cli._field_kind(fields[key], hints)[1]
+        is_list = cli.field_kind(fields[key], hints)[1]
         try:
             argv[key] = shlex.split(value) if is_list else [value]
         except ValueError as e:
@@ -391,7 +390,7 @@ def build_app(args: WebUiArguments) -> FastAPI:
         job = serve._job(engine, req, ids, req.max_tokens, strip=True)
 
         def chunk(delta=None, finish=None, usage=None):
-            return {"object": "chat.completion.chunk", "model": req.model,
+            return {"object": "chat.completion.chunk", "model": name,
                     "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
         return StreamingResponse(serve._sse(engine, name, ids, job, req, chunk, lambda piece: {"content": piece},
                                             first={"role": "assistant", "content": ""}), media_type="text/event-stream")

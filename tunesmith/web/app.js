@@ -284,6 +284,7 @@ async function ask(side, question, checkpoint) {
         if (!line.startsWith("data:") || line === "data: [DONE]") continue;
         const event = JSON.parse(line.slice(5));
         if (event.error) throw new Error(event.error.message);
+        if (side === "base") $("base-title").textContent = `base: ${event.model}`;
         text += (event.choices[0] && event.choices[0].delta.content) || "";
         answer.textContent = text || "…";
         box.scrollTop = box.scrollHeight;
@@ -304,6 +305,7 @@ async function send(event) {
   $("chat-input").value = "";
   $("send").disabled = true;
   const checkpoint = $("checkpoint").value;
+  $("tuned-title").textContent = checkpoint ? `tuned: ${checkpoint.split("/").pop()}` : "tuned";
   const asks = [ask("base", question, checkpoint)];
   if (checkpoint) asks.push(ask("tuned", question, checkpoint));
   else $("tuned-answers").append(el("div", { className: "q" }, "(train, or pick a checkpoint, to chat with a tuned model)"));
