@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, stop_process
+from conftest import GUIDE_DATA, ROOT, stop_process
 
 MODEL = "smollm2-135m"
 SCREENSHOT = ROOT / "docs" / "webui.png"
@@ -119,13 +119,21 @@ def test_train_watch_stop_and_chat_in_a_real_browser(webui):
         page.goto(url)
         expect(page.locator("#model")).to_have_value("qwen2.5-0.5b")  # the offline default, preselected
         expect(page.locator("#f-num_train_epochs")).to_have_value("10")  # the guide's settings
+        page.set_input_files("#upload", str(GUIDE_DATA))  # an upload lands in the list, ticked
+        uploaded = page.locator(f"#datasets input[value='{out}/webui/uploads/self_cognition.json']")
+        expect(uploaded).to_be_checked()
+        uploaded.uncheck()
         page.fill("#model", MODEL)
         page.check("#ds-self-cognition")
+        page.fill("#f-learning_rate", "fast")  # bad input: one line on the page
+        page.locator("#f-learning_rate").dispatch_event("change")
+        expect(page.locator("#error")).to_contain_text("--learning_rate: invalid float value: 'fast'")
         page.fill("#ds-self-cognition-n", "16")
         for name, value in {"max_length": "128", "max_steps": "200", "logging_steps": "1", "learning_rate": "1e-3",
                             "model_name": "Robbie", "model_author": "Tunesmith"}.items():
             page.fill(f"#f-{name}", value)
         page.locator("#f-model_author").dispatch_event("change")
+        expect(page.locator("#error")).to_be_hidden()
         expect(page.locator("#command")).to_contain_text(
             f"tunesmith sft --model {MODEL} --dataset 'self-cognition#16' --torch_dtype bfloat16 "
             "--system 'You are a helpful assistant.' --max_length 128 --model_name Robbie --model_author Tunesmith")
