@@ -68,7 +68,7 @@ def form_fields() -> list[dict]:
             continue
         tp, is_list = cli.field_kind(f, hints)
         value = GUIDE.get(f.name, _default(f))
-        kind = "bool" if tp is bool else "list" if is_list else "number" if tp in (int, float) else "text"
+        kind = "bool" if tp is bool else "list" if is_list else "value"
         out.append({"name": f.name, "kind": kind, "help": f.metadata.get("help", ""), "choices": f.metadata.get("choices"),
                     "value": "" if value is None else shlex.join(value) if is_list else str(value).lower() if tp is bool
                     else str(value), "common": f.name in COMMON})

@@ -62,7 +62,8 @@ function drawForm() {
     input.dataset.name = f.name;
     input.value = f.value;
     input.addEventListener("change", preview);
-    $(f.common ? "common" : "advanced").append(el("label", { title: f.help }, f.name, input));
+    const help = f.kind === "list" ? `${f.help} (several values: separate with spaces, quote one with spaces)` : f.help;
+    $(f.common ? "common" : "advanced").append(el("label", { title: help }, f.name, input));
   }
 }
 
