@@ -152,9 +152,12 @@ class Runs:
 
     def stop(self) -> dict:
         current = self._load()
-        if not current or not self._alive(current):
-            raise ApiError(409, "no run is going", code="no_run")
-        os.kill(current["pid"], signal.SIGINT)  # as Ctrl-C: finish the step, save a checkpoint (guards.py)
+        try:
+            if not current or not self._alive(current):
+                raise ProcessLookupError
+            os.kill(current["pid"], signal.SIGINT)  # as Ctrl-C: finish the step, save a checkpoint (guards.py)
+        except ProcessLookupError:  # also when it ended just now
+            raise ApiError(409, "no run is going", code="no_run") from None
         self._save(stop_requested=time.time())
         return self.status()
 
