@@ -303,6 +303,24 @@ class EvalArguments(InferArguments):
             raise UserError("eval compares a tuned adapter with its base: pass --adapters CKPT")
 
 
+@dataclass
+class WebUiArguments:
+    """`tunesmith web-ui`: train and chat in the browser; the page runs the same `tunesmith sft` commands."""
+
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 serves the network: anyone who reaches it can train)")
+    port: int = arg(7860, "port to listen on (0: any free port, printed at start)")
+    output_dir: str = arg("output", "where runs go (OUTPUT_DIR/vN-…, as sft) and the page's own files (OUTPUT_DIR/webui/)")
+    model: Optional[str] = arg(None, "the model preselected on the page (default: the offline default, qwen2.5-0.5b)")
+    device: str = arg("auto", "where chat runs: auto, cpu, cuda, cuda:N (training takes it from the form)")
+    max_new_tokens: int = arg(256, "longest chat answer in tokens")
+
+    def validate(self) -> None:
+        if not (0 <= self.port < 65536):
+            raise UserError(f"--port {self.port}: expected 0-65535")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
 def normalize_dtype(name: str) -> str:
     return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
 

@@ -4,6 +4,7 @@
     tunesmith infer [config.yaml] --flag value ...   chat with a base model or adapter
     tunesmith data inspect DATASET... --flag value   what training would see: counts, lengths, loss mask
     tunesmith export / deploy / eval ...             merge and GGUF, serve, before/after table
+    tunesmith web-ui [--port 7860]                   train and chat in the browser
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COMMANDS = {
     "export": ("ExportArguments", "tunesmith.export", "merge an adapter into its base model; write GGUF"),
     "deploy": ("DeployArguments", "tunesmith.serve", "serve the model over an OpenAI-compatible HTTP API"),
     "eval": ("EvalArguments", "tunesmith.evaluate", "compare base and tuned answers side by side"),
+    "web-ui": ("WebUiArguments", "tunesmith.webui", "train and chat in the browser (the same sft commands, shown)"),
 }
 
 TRUE = {"true", "1", "yes", "y", "on"}
@@ -63,7 +65,7 @@ def _converter(f: dataclasses.Field, tp):
     return SPECIAL_TYPES.get(f.metadata.get("type_hint")) or (parse_bool if tp is bool else tp)
 
 
-def _field_kind(f: dataclasses.Field, hints: dict):
+def field_kind(f: dataclasses.Field, hints: dict):
     """(scalar type, is_list) of a dataclass field."""
     tp = hints[f.name]
     is_list = False
@@ -90,7 +92,7 @@ def build_parser(command: str, cls) -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="optional YAML or JSON file with the same keys as the flags")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, is_list = _field_kind(f, hints)
+        tp, is_list = field_kind(f, hints)
         names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", [])]
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
         conv = _converter(f, tp)
@@ -141,7 +143,7 @@ def _load_config(path: str, cls, command: str) -> dict:
         name = aliases.get(key, key)
         if name not in known:
             raise UserError(f"{path}: unknown key '{key}'" + _suggest(key, cls).format(command))
-        tp, is_list = _field_kind(known[name], hints)
+        tp, is_list = field_kind(known[name], hints)
         if is_list and not isinstance(value, list):
             value = [value]
         try:

@@ -159,12 +159,16 @@ MAX_BODY = 4 * 2**20  # bytes of a request body: far more than any prompt that f
 MAX_WAITING = 32  # generations running or queued for the lock; beyond, 429 (each holds a thread)
 
 
-def build_app(engine: Engine, api_key: str | None) -> FastAPI:
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+def json_errors(app: FastAPI) -> FastAPI:
+    """Every failure as one JSON error ({"error": {"message": ...}}): ours, unknown paths, and bugs."""
 
     @app.exception_handler(ApiError)
     def _api_error(request, e: ApiError):
         return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(UserError)
+    def _user_error(request, e: UserError):
+        return JSONResponse(ApiError(400, str(e)).body, status_code=400)
 
     @app.exception_handler(HTTPException)
     def _http(request, e: HTTPException):
@@ -175,6 +179,12 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
     def _bug(request, e: Exception):  # never a bare "Internal Server Error" text: one JSON error, like the others
         error = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
         return JSONResponse(error.body, status_code=500)
+
+    return app
+
+
+def build_app(engine: Engine, api_key: str | None) -> FastAPI:
+    app = json_errors(FastAPI(title="tunesmith", docs_url=None, redoc_url=None))
 
     def authorized(request: Request):
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -379,22 +389,32 @@ def _sse(engine: Engine, model: str, ids: list[int], job: dict, req: Sampling, c
     return stream
 
 
-def run(args: DeployArguments) -> int:
+def bind(host: str, port: int) -> socket.socket:
+    """A bound socket (port 0: any free one). Bound before loading a model: a busy port fails in a second."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    return sock
+
+
+def serve_on(sock: socket.socket, app: FastAPI) -> None:
+    """Serve `app` on a socket that already listens (so a client that saw the address printed can connect)."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:  # bind before loading the model: a busy port fails in a second, not after the load
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])
+
+
+def run(args: DeployArguments) -> int:
+    sock = bind(args.host, args.port)
     engine = Engine(args)
     app = build_app(engine, args.api_key)
     sock.listen(128)
-    port = sock.getsockname()[1]
     log(f"serving {', '.join(engine.names)} (context {engine.context} tokens)"
         + ("; API key required" if args.api_key else ""))
-    print(f"deploy: http://{args.host}:{port}/v1", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    server.run(sockets=[sock])
+    print(f"deploy: http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+    serve_on(sock, app)
     return 0
