@@ -17,6 +17,7 @@ import torch
 BUCKET = 256
 MAX_SAMPLES = 64
 CAPTURE_AFTER = 3  # a row length runs eagerly this often before it is captured: short runs pay no capture
+MAX_TOKENS = 16384  # longer rows keep the GPU busy on their own, and a second memory pool would not fit
 
 
 class GraphedRows:
@@ -73,6 +74,8 @@ class GraphedRows:
         torch.cuda.current_stream().wait_stream(side)
         for p in self.params:
             p.grad = None  # backward inside the capture makes the gradients, in the graph's memory
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's blocks go back to the device before the graph takes its own
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             loss = self.loss_fn(static)
@@ -102,6 +105,8 @@ class GraphedRows:
         if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES + 1) for r in rows):
             return None
         lengths = [-(-r["input_ids"].shape[1] // BUCKET) * BUCKET for r in rows]
+        if max(lengths) > MAX_TOKENS:
+            return None
         for n in lengths:
             self.seen[n] = self.seen.get(n, 0) + 1
         if any(n not in self.graphs and self.seen[n] <= CAPTURE_AFTER for n in lengths):
