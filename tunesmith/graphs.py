@@ -112,8 +112,9 @@ class GraphedRows:
         if any(n not in self.graphs and self.seen[n] <= CAPTURE_AFTER for n in lengths):
             return None
         try:
-            replays = [self.row(batch) for batch in rows] if len(rows) == 1 else None
-            if replays is None:  # several rows: sum their gradients (each replay overwrites its graph's)
+            if len(rows) == 1:
+                total, acc = self.row(rows[0])
+            else:  # several rows: sum their gradients (each replay overwrites its graph's own)
                 total, acc = None, None
                 for batch in rows:
                     loss, grads = self.row(batch)
@@ -122,8 +123,6 @@ class GraphedRows:
                     else:
                         total += loss
                         torch._foreach_add_(acc, grads)
-            else:
-                (total, acc), = replays
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a kernel that cannot be captured, or no room
             from .models import log
 
