@@ -5,7 +5,8 @@ set -uo pipefail
 REPO=$(pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 TUNESMITH_NO_PROGRESS=1 HF_HUB_OFFLINE=1 TUNESMITH_HOME=/tmp/tshome
 W=/tmp/startup; mkdir -p $W; cp examples/self_cognition.json $W/
-[ -d $W/Qwen2.5-7B-Instruct ] || python3 bench/make_qwen7b.py $W/Qwen2.5-7B-Instruct --tokenizer .device/tokenizer
+if [ -f /tmp/scale/Qwen2.5-7B-Instruct/config.json ]; then ln -sfn /tmp/scale/Qwen2.5-7B-Instruct $W/Qwen2.5-7B-Instruct
+elif [ ! -d $W/Qwen2.5-7B-Instruct ]; then python3 bench/make_qwen7b.py $W/Qwen2.5-7B-Instruct --tokenizer .device/tokenizer; fi
 cd $W
 sync; (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null && echo "page cache dropped" || echo "page cache NOT dropped (files may be cached)"
 echo "== reading the weights: cat *.safetensors > /dev/null"
