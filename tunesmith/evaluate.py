@@ -25,7 +25,7 @@ from .models import log
 BUILTIN = [
     {"query": "你是谁?"},
     {"query": "谁在维护你?"},
-    {"query": "你能做什么?"},
+    {"query": "你的开发者是谁?"},
     {"query": "请介绍一下你自己"},
     {"query": "你是哪家公司开发的?"},
     {"query": "Who are you?"},
