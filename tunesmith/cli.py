@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
             if code is not None:
                 return code
-        if hasattr(args, "model") and command in ("sft", "infer"):
+        if hasattr(args, "model") and command in ("sft", "infer") and os.environ.get("TUNESMITH_NO_PREFETCH") != "1":
             from .models import prefetch
 
             prefetch(args.model)  # overlaps reading the weights with the imports below
