@@ -38,17 +38,18 @@ def relaunch(argv: list[str]) -> int | None:
         return None
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"NPROC_PER_NODE={nproc}: expected the number of processes (GPUs) per node, e.g. 2")
-    if int(nproc) == 1 and int(os.environ.get("NNODES", "1") or 1) == 1:
+    nnodes = int(os.environ.get("NNODES", "1") or 1)
+    if int(nproc) == 1 and nnodes == 1:
         return None
-    if int(os.environ.get("NNODES", "1") or 1) > 1 and not os.environ.get("MASTER_ADDR"):
+    if nnodes > 1 and not os.environ.get("MASTER_ADDR"):
         raise UserError("NNODES > 1: set MASTER_ADDR (and MASTER_PORT) to the address of the machine with NODE_RANK=0")
     flags = []
     for name, flag in LAUNCHER_ENV.items():
         if os.environ.get(name, "").strip():
             flags += [flag, os.environ[name].strip()]
-    if "MASTER_ADDR" not in os.environ and int(os.environ.get("NNODES", "1") or 1) == 1:
+    if "MASTER_ADDR" not in os.environ and nnodes == 1:
         flags += ["--master_addr", "127.0.0.1"]
-    if "MASTER_PORT" not in os.environ and int(os.environ.get("NNODES", "1") or 1) == 1:
+    if "MASTER_PORT" not in os.environ and nnodes == 1:
         flags += ["--master_port", str(_free_port())]
     return run_torchrun(flags + ["-m", "tunesmith", *argv])
 

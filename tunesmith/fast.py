@@ -154,14 +154,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * g.to(grad.dtype), None, None, None
 
 
-def linear_cross_entropy(hidden, head, targets, budget_bytes: int = 2**28):
+LOSS_CHUNK_BYTES = 2**28  # float32 logits of the fused loss held at once
+
+
+def loss_chunk_rows(vocab: int, budget_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    """Rows of float32 logits per chunk of the fused loss (planner.loss_bytes counts the same)."""
+    return max(64, budget_bytes // (4 * vocab))
+
+
+def linear_cross_entropy(hidden, head, targets, budget_bytes: int = LOSS_CHUNK_BYTES):
     """sum of CE(head(hidden), targets). A plain frozen linear head takes the fused path, with
     float32 logits for at most `budget_bytes` at a time; anything else the chunked autograd one."""
     plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
     if not plain:
         return chunked_cross_entropy(hidden, head, targets)
-    rows = max(64, budget_bytes // (4 * head.weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, head.weight, targets, rows)
+    return _LinearCrossEntropy.apply(hidden, head.weight, targets, loss_chunk_rows(head.weight.shape[0], budget_bytes))
 
 
 def apply_liger(model, swiglu: bool = True) -> list[str]:

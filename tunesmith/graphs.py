@@ -20,10 +20,15 @@ CAPTURE_AFTER = 3  # a row length runs eagerly this often before it is captured:
 MAX_TOKENS = 16384  # longer rows keep the GPU busy on their own, and a second memory pool would not fit
 
 
+def bucket(tokens: int) -> int:
+    """The captured row length that holds a row of `tokens` tokens."""
+    return -(-tokens // BUCKET) * BUCKET
+
+
 class GraphedRows:
     def __init__(self, model, loss_fn):
         """loss_fn(batch) -> the row's summed loss (train.loss_of)."""
-        self.model, self.loss_fn = model, loss_fn
+        self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.graphs: dict[int, tuple] = {}  # length -> (graph, static batch, loss, grads)
         self.pool = None
@@ -31,12 +36,13 @@ class GraphedRows:
         self.seen: dict[int, int] = {}
 
     def _static(self, length: int, device) -> dict:
-        ids = torch.zeros(1, length, dtype=torch.long, device=device)
+        bounds = torch.full((MAX_SAMPLES + 2,), length, dtype=torch.int32, device=device)
+        bounds[0] = 0
         return {
-            "input_ids": ids,
+            "input_ids": torch.zeros(1, length, dtype=torch.long, device=device),
             "position_ids": torch.arange(length, device=device)[None],
-            "cu_seq_lens_q": torch.full((MAX_SAMPLES + 2,), length, dtype=torch.int32, device=device).index_fill_(
-                0, torch.tensor([0], device=device), 0),
+            "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds,
             "loss_positions": torch.zeros(length, dtype=torch.long, device=device),
             "loss_targets": torch.full((length,), -100, dtype=torch.long, device=device),
             "attention_mask": None,
@@ -59,7 +65,6 @@ class GraphedRows:
         static["loss_positions"][k:].zero_()
         static["loss_targets"][:k].copy_(batch["loss_targets"])
         static["loss_targets"][k:].fill_(-100)
-        static["cu_seq_lens_k"] = static["cu_seq_lens_q"]
 
     def _capture(self, length: int, batch: dict):
         static = self._static(length, batch["input_ids"].device)
@@ -87,11 +92,8 @@ class GraphedRows:
         return graph, static, loss, grads
 
     def row(self, batch: dict):
-        """(summed loss, gradients) of one packed row, or None when it cannot be replayed."""
-        n = batch["input_ids"].shape[1]
-        if len(batch["cu_seq_lens_q"]) > MAX_SAMPLES + 1:
-            return None
-        length = -(-n // BUCKET) * BUCKET
+        """(summed loss, gradients) of one packed row (window() has checked that it fits a graph)."""
+        length = bucket(batch["input_ids"].shape[1])
         if length not in self.graphs:
             self.graphs[length] = self._capture(length, batch)
         graph, static, loss, grads = self.graphs[length]
@@ -104,7 +106,7 @@ class GraphedRows:
         Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly."""
         if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES + 1) for r in rows):
             return None
-        lengths = [-(-r["input_ids"].shape[1] // BUCKET) * BUCKET for r in rows]
+        lengths = [bucket(r["input_ids"].shape[1]) for r in rows]
         if max(lengths) > MAX_TOKENS:
             return None
         for n in lengths:

@@ -221,7 +221,7 @@ def lora_linear(module, x):
 
 
 def gated_mlp(mlp, x):
-    if not all(_is_lora_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+    if not _has_lora_projections(mlp):
         return mlp._tunesmith_plain_mlp(x)  # the adapter was unloaded
     gate, up = lora_linear(mlp.gate_proj, x), lora_linear(mlp.up_proj, x)
     parts = _parts(mlp.down_proj)
@@ -233,6 +233,11 @@ def gated_mlp(mlp, x):
 
 def _is_lora_linear(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer") and type(module.base_layer) is torch.nn.Linear
+
+
+def _has_lora_projections(mlp) -> bool:
+    """A gated MLP (gate_proj, up_proj, down_proj) whose three projections carry LoRA on nn.Linear."""
+    return all(_is_lora_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def all_lean(model) -> bool:
@@ -252,9 +257,8 @@ def use_lean_lora(model) -> int:
                 lora_linear(_m, x) if not args and not kwargs else _m._tunesmith_peft_forward(x, *args, **kwargs))
             count += 1
     for module in model.modules():
-        is_gated = all(_is_lora_linear(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
         silu = type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-        if is_gated and silu and not getattr(module.forward, "_tunesmith_lean", False):
+        if _has_lora_projections(module) and silu and not getattr(module.forward, "_tunesmith_lean", False):
             module._tunesmith_plain_mlp = module.forward  # (whatever it is now: HF's, or a kernel library's)
             module.forward = functools.partial(gated_mlp, module)
             module.forward._tunesmith_lean = True

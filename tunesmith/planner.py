@@ -12,7 +12,6 @@ and a gated MLP. Checked against measured peaks on an H100 (bench/gpu_scale.sh).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -139,8 +138,7 @@ def loss_bytes(vocab: int, hidden: int, loss_tokens: int, elt: int) -> int:
     its half-precision softmax gradient) at a time, plus the gathered hidden states and their gradient."""
     from . import fast
 
-    budget = inspect.signature(fast.linear_cross_entropy).parameters["budget_bytes"].default
-    rows = min(max(1, loss_tokens), max(64, budget // (4 * vocab)))
+    rows = min(max(1, loss_tokens), fast.loss_chunk_rows(vocab))
     return (4 + elt) * rows * vocab + 2 * loss_tokens * hidden * elt
 
 

@@ -268,16 +268,17 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
                 mine, weight = window[:1], 0.0
             samples = [train_set[i] for i in mine]
 
-            loss_sum = 0.0
             micros = list(micro_batches(samples, args, device))
             replayed = graphed.window(micros, weight) if graphed else None  # forward+backward, from CUDA graphs
             if replayed is not None:
                 loss_sum = nonfinite.poison(replayed, step)
-            for micro, last in _with_last(micros if replayed is None else []):
-                with par.no_sync(last):  # gradients are exchanged after the window's last micro-batch
-                    loss = nonfinite.poison(forward(micro) * weight, step)  # mean over the window's answer tokens
-                    loss.backward()
-                loss_sum = loss_sum + loss.detach()
+            else:
+                loss_sum = 0.0
+                for micro, last in _with_last(micros):
+                    with par.no_sync(last):  # gradients are exchanged after the window's last micro-batch
+                        loss = nonfinite.poison(forward(micro) * weight, step)  # mean over the window's answer tokens
+                        loss.backward()
+                    loss_sum = loss_sum + loss.detach()
             # one host sync per optimizer step; the ranks' parts of the loss, and any stop request, summed
             loss_sum, stops = par.sum_floats(float(loss_sum) / par.loss_scale, stop.requested, device=device)
             stopping = stops > 0
