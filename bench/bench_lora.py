@@ -212,7 +212,7 @@ def main():
         info["liger_kernel"] = version("liger-kernel")
     except Exception as e:
         info["liger_kernel"] = f"unavailable: {type(e).__name__}: {e}"
-    info["varlen_attention"] = fast.varlen_kernel() is not None
+    info["attention"] = "flash (aten._flash_attention_forward, native GQA)"
     print(json.dumps(info), flush=True)
     t0 = time.time()
     base = build_model(a.layers)
@@ -286,7 +286,7 @@ def main():
         with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
             engine.step(batches[5])
             torch.cuda.synchronize()
-        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
         print(f"--- profile of one {name} step ---\n{table}", flush=True)
         table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
         print(f"--- host time of one {name} step, by operator ---\n{table}", flush=True)

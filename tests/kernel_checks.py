@@ -40,7 +40,60 @@ def run(device: str) -> None:
     torch.testing.assert_close(grad_gate, g.grad)
     torch.testing.assert_close(grad_up, u.grad)
     lean_layers(device)
+    lora_kernels(device)
+    norm_and_rope(device)
     print(f"kernel checks passed on {device}")
+
+
+def lora_kernels(device: str) -> None:
+    """lora_a / lora_a_grad / lora_dx_add against torch with the masks the kernels draw (keep_mask)."""
+    torch.manual_seed(2)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 2e-2, "atol": 5e-2}
+    T, K, P, R, p, step = 70, 200, 3, 8, 0.25, 65_537
+    seed_t = torch.tensor([99], device=device)
+    x = torch.randn(T, K, device=device, dtype=dtype)
+    a = torch.randn(P, R, K, device=device)
+    masks = [kernels.keep_mask(T, K, p, (seed_t, 11 + i * step), device) for i in range(P)]
+    kept = torch.stack(masks).mean().item()
+    assert abs(kept - (1 - p)) < 0.03, kept
+    dropped = [(x.float() * m / (1 - p)) for m in masks]
+    expect = torch.cat([d @ a[i].t() for i, d in enumerate(dropped)], 1)
+    torch.testing.assert_close(kernels.lora_a(x, a, p, (seed_t, 11), step).float(), expect, **tol)
+    gb = torch.randn(T, P * R, device=device, dtype=dtype)
+    expect = torch.stack([gb[:, i * R:(i + 1) * R].float().t() @ d for i, d in enumerate(dropped)])
+    torch.testing.assert_close(kernels.lora_a_grad(x, gb, P, p, (seed_t, 11), step), expect, **tol)
+    dx = torch.randn(T, K, device=device, dtype=dtype)
+    expect = dx.float() + sum((gb[:, i * R:(i + 1) * R].float() @ a[i]) * masks[i] / (1 - p) for i in range(P))
+    torch.testing.assert_close(kernels.lora_dx_add(dx.clone(), gb, a, p, (seed_t, 11), step).float(), expect, **tol)
+    # no dropout: the same kernels without masks
+    torch.testing.assert_close(kernels.lora_a(x, a, 0.0, None, step).float(),
+                               torch.cat([x.float() @ a[i].t() for i in range(P)], 1), **tol)
+
+
+def norm_and_rope(device: str) -> None:
+    """rms_norm / rope kernels against transformers' formulas and autograd."""
+    torch.manual_seed(3)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
+    x = torch.randn(9, 96, device=device, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
+    xf = x.float()
+    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    dy = torch.randn_like(ref)
+    (ref_dx,) = torch.autograd.grad(ref, x, dy)
+    y, rstd = kernels.rms_norm(x.detach(), w, 1e-6)
+    torch.testing.assert_close(y.float(), ref.float(), **tol)
+    torch.testing.assert_close(kernels.rms_norm_backward(dy, x.detach(), w, rstd).float(), ref_dx.float(), **tol)
+    T, H, D = 7, 3, 16
+    q = torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=True)
+    angles = torch.randn(T, D // 2, device=device)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    ref = q * cos[:, None] + torch.cat((-q[..., D // 2:], q[..., :D // 2]), -1) * sin[:, None]
+    g = torch.randn_like(ref)
+    (ref_dq,) = torch.autograd.grad(ref, q, g)
+    torch.testing.assert_close(kernels.rope(q.detach(), cos, sin).float(), ref.float(), **tol)
+    torch.testing.assert_close(kernels.rope(g, cos, sin, backward=True).float(), ref_dq.float(), **tol)
 
 
 def lean_layers(device: str) -> None:

@@ -231,7 +231,9 @@ def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
     fast.use_document_attention(m.get_base_model())
     (batch,) = list(micro_batches(samples(4), args, "cpu"))
     rows = graphs.GraphedRows(m, lambda b: loss_of(m, b))
-    static = rows._static(-(-batch["input_ids"].shape[1] // 16) * 16 + 16, "cpu")
+    length, slots, longest = graphs.shape_of(batch)
+    assert slots >= len(batch["cu_seq_lens_q"]) and longest >= batch["max_length_q"]
+    static = rows._static((length + 16, slots, longest + 16), "cpu")
     rows._fill(static, batch)
     results = []
     for b in (batch, static):
@@ -244,3 +246,57 @@ def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
+    """Summed loss and LoRA gradients of one packed row, the pass's dropout seed fixed."""
+    from tunesmith import lean_layer, lean_lora
+
+    args = SftArguments(dataset=["x"], lora_dropout=dropout)
+    torch.manual_seed(0)
+    m = add_lora(copy.deepcopy(tiny), args)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:  # (PEFT starts B at zero: no gradient would reach A)
+            torch.nn.init.normal_(p, std=0.1)
+    fast.use_document_attention(m.get_base_model())
+    if lean:
+        lean_lora.use_lean_lora(m)
+    if layers:
+        assert lean_layer.use_lean_layers(m) == len(fast.decoder_layers(m))
+        for layer in fast.decoder_layers(m):
+            layer._tunesmith_recompute = level
+    fast.checkpoint_layers(m, share, preserve_rng=False)
+    (batch,) = list(micro_batches(samples(), args, "cpu"))
+    lean_lora._forward_seed[torch.device("cpu")] = 12345  # what begin_forward would draw
+    hidden = m.get_base_model().get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                              cu_seq_lens_q=batch["cu_seq_lens_q"], max_length_q=batch["max_length_q"],
+                                              use_cache=False).last_hidden_state
+    loss = fast.linear_cross_entropy(hidden[0].index_select(0, batch["loss_positions"]),
+                                     m.get_base_model().get_output_embeddings(), batch["loss_targets"])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_lean_decoder_layers_compute_what_transformers_and_peft_compute(tiny):
+    """Without dropout the lean layer (norms, rope, attention and all seven LoRA projections in three
+    autograd functions) gives PEFT's loss and gradients."""
+    loss_b, grads_b = _lean_layer_run(tiny, 0.0)
+    plain_loss, plain_grads = _lean_layer_run(tiny, 0.0, layers=False, lean=False)  # transformers + PEFT
+    assert loss_b == pytest.approx(plain_loss, rel=1e-5)
+    assert plain_grads.keys() == grads_b.keys() and len(grads_b) == 2 * 7 * 3
+    for name in plain_grads:
+        torch.testing.assert_close(grads_b[name], plain_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_lean_layer_recompute_and_checkpointing_draw_the_same_masks(tiny):
+    """With dropout, recomputing up, gate and up, or the whole layer in backward changes nothing: the
+    masks come again from the same seeds. The lean projections inside transformers' layer (the path
+    for other architectures) draw the same masks too."""
+    loss, grads = _lean_layer_run(tiny, 0.2)
+    nodrop, _ = _lean_layer_run(tiny, 0.0)
+    assert loss != pytest.approx(nodrop, rel=1e-4)  # dropout did something
+    for kwargs in ({"level": 1}, {"level": 2}, {"share": 1.0}, {"layers": False}):
+        other_loss, other = _lean_layer_run(tiny, 0.2, **kwargs)
+        assert other_loss == pytest.approx(loss, rel=1e-6), kwargs
+        for name in grads:
+            torch.testing.assert_close(other[name], grads[name], rtol=1e-5, atol=1e-6)

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -20,55 +18,74 @@ DOC_ATTENTION = "tunesmith_doc"
 _registered = False
 
 
-@functools.cache
-def varlen_kernel():
-    """PyTorch's flash varlen attention (torch >= 2.10, CUDA) and how to ask it for causal + GQA.
-    Looked up on first use: importing it pulls in torch._dynamo (seconds of start-up)."""
-    try:
-        import inspect
+class FlashVarlen(torch.autograd.Function):
+    """Causal flash attention over packed samples: q [T, heads, d], k/v [T, kv_heads, d] (grouped-query
+    attention natively: k and v are never repeated to the query's head count), boundaries `bounds`
+    (int32 on the device) and the longest sample `longest` (an int, so no host sync). PyTorch's own
+    flash kernels (aten._flash_attention_forward/backward), the ones behind SDPA and varlen_attn."""
 
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)} if "window_size" in params else None
-    if causal is None:
-        return None
-    return varlen_attn, causal, "enable_gqa" in params
+    @staticmethod
+    def forward(ctx, q, k, v, bounds, longest, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, bounds, rng, unused)
+        ctx.longest, ctx.scale = longest, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, bounds, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, bounds, bounds, ctx.longest, ctx.longest, 0.0, True, rng, unused,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_usable(q: torch.Tensor) -> bool:
+    """Flash attention runs here: a CUDA tensor in bf16/fp16 with a head size it supports."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
 
 _varlen_failed = False
 
 
-def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
-    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs.
-    On CUDA one flash varlen kernel does all samples; elsewhere SDPA runs on each sample's slice."""
+def varlen_attention(q, k, v, bounds, longest: int | None, scale=None):
+    """Causal attention within each packed sample. q: [T, heads, d]; k, v: [T, kv_heads, d]; returns
+    [T, heads, d]. Flash on CUDA; elsewhere SDPA on each sample's slice."""
     global _varlen_failed
-    bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None:
-        bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
-    gqa = query.shape[1] != key.shape[1]
-    longest = kwargs.get("max_length_q")
-    if query.is_cuda and query.shape[0] == 1 and longest and not _varlen_failed and varlen_kernel() is not None:
-        varlen_attn, causal, native_gqa = varlen_kernel()
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
-        if gqa and not native_gqa:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        extra = {"enable_gqa": True} if gqa and native_gqa else {}
-        try:  # boundaries already on the device and the longest sample as an int: no host sync
-            out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **causal, **extra)
-            return out.unsqueeze(0), None
-        except (RuntimeError, TypeError, NotImplementedError) as e:  # dtype/head size the kernel lacks
+    if longest and not _varlen_failed and flash_usable(q):
+        try:
+            return FlashVarlen.apply(q, k, v, bounds, int(longest), scale)
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # a build without flash kernels
             _varlen_failed = True
             from .models import log
 
-            log(f"flash varlen attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
+            log(f"flash attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
+    gqa = q.shape[1] != k.shape[1]
+    edges = bounds.tolist()
+    qt, kt, vt = (t.transpose(0, 1) for t in (q, k, v))  # [heads, T, d]
+    outs = [
+        F.scaled_dot_product_attention(qt[:, s:e], kt[:, s:e], vt[:, s:e], is_causal=True, scale=scale,
+                                       enable_gqa=gqa)
+        for s, e in zip(edges[:-1], edges[1:])
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.transpose(0, 1)
+
+
+def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
+    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
+    if query.shape[0] == 1:
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
+        return varlen_attention(q, k, v, bounds, kwargs.get("max_length_q"), scaling).unsqueeze(0), None
     edges = bounds.tolist()
     outs = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       scale=scaling, enable_gqa=gqa)
+                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         for s, e in zip(edges[:-1], edges[1:])
     ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -124,7 +141,8 @@ def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum of CE(hidden W^T, targets) for a frozen W. The gradient of `hidden` is worked out in the
     same pass over each chunk of logits (softmax - one-hot, times W), so backward only scales it:
-    no [rows, vocab] tensor outlives its chunk and nothing is recomputed."""
+    no [rows, vocab] tensor outlives its chunk and nothing is recomputed. Within a chunk the float32
+    logits become the softmax in place: one float32 and one half-precision copy at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows):
@@ -136,15 +154,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h, t = hidden[i:i + rows].to(weight.dtype), targets[i:i + rows]
                 valid = t >= 0  # a negative target (-100) marks a row without loss
                 t = t.clamp(min=0)
-                logits = (h @ weight.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+                logits = h @ weight.t()
+                picked = logits.gather(1, t[:, None]).squeeze(1).float()
+                probs = logits.float()
+                del logits
+                top = probs.amax(dim=-1, keepdim=True)
+                sums = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                lse = (top + sums.log()).squeeze(1)
+                total += ((lse - picked) * valid).sum()
                 if want_grad:
-                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs.div_(sums)
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
                     part = probs.to(weight.dtype) @ weight
                     grad[i:i + rows] = (part * valid[:, None].to(part.dtype)).to(grad.dtype)
-                del logits
+                del probs
         ctx.save_for_backward(grad)
         return total
 
@@ -154,7 +177,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * g.to(grad.dtype), None, None, None
 
 
-LOSS_CHUNK_BYTES = 2**28  # float32 logits of the fused loss held at once
+LOSS_CHUNK_BYTES = 2**27  # float32 logits of the fused loss held at once
 
 
 def loss_chunk_rows(vocab: int, budget_bytes: int = LOSS_CHUNK_BYTES) -> int:
@@ -242,6 +265,58 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
         log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
             f"checkpointed ({free / 2**30:.1f} GiB usable)")
     return k / layers
+
+
+def lean_layer_widths(config) -> tuple[float, float, float]:
+    """What one lean decoder layer (lean_layer.py) keeps per token, in hidden-widths: (with nothing
+    recomputed, less per recompute level, transient while one layer runs backward)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or hidden // heads
+    attention = (2 * heads * d + 2 * kv * d) / hidden  # q and the output, k and v
+    mlp = inter / hidden  # gate or up
+    return 2 + attention + 2 * mlp, mlp, 3 * mlp + 4  # + x and h; transient: the product, its gradient, a recompute
+
+
+def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None = None) -> tuple[list[int], int]:
+    """For a model on lean decoder layers: the least recompute that fits the activations of `tokens`
+    tokens in `budget` bytes in all (else 85% of what is free now), less `reserve`. Cheapest first:
+    recompute `up` in backward layer by layer (one matmul each), then `gate` too, then checkpoint
+    whole layers. Returns (recompute level per layer, how many layers to checkpoint)."""
+    from .models import log
+
+    layers = decoder_layers(model)
+    n = len(layers)
+    if not tokens or not torch.cuda.is_available():
+        return [0] * n, 0
+    elt = next(model.parameters()).element_size()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if budget is None:
+        free = (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
+    else:
+        free = budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
+    full, mlp, transient = lean_layer_widths(model.config)
+    unit = model.config.hidden_size * elt * tokens  # one hidden-width of one layer
+
+    def spread(k):
+        return {round(i * n / k) for i in range(k)} if k else set()
+
+    def need(levels, checkpointed):
+        kept = sum(full - lv * mlp for i, lv in enumerate(levels) if i not in checkpointed)
+        kept += len(checkpointed) * 1 + ((full - 2 * mlp) if checkpointed else 0)
+        return (kept + transient) * unit
+
+    plans = []
+    for u in range(2 * n + 1):
+        ones, twos = (spread(u), set()) if u <= n else (set(range(n)), spread(u - n))
+        plans.append(([2 if i in twos else 1 if i in ones else 0 for i in range(n)], set()))
+    plans += [([2] * n, spread(k)) for k in range(1, n + 1)]
+    levels, checkpointed = next((p for p in plans if need(*p) <= free), plans[-1])
+    if need(levels, checkpointed) <= free:
+        log(f"activations of {tokens} tokens need ~{need(levels, checkpointed) / 2**30:.1f} GiB "
+            f"({free / 2**30:.1f} GiB usable): up recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in "
+            f"{sum(lv == 2 for lv in levels)}, {len(checkpointed)} of {n} layers checkpointed")
+    return levels, len(checkpointed)
 
 
 def decoder_layers(model) -> list:

@@ -1,10 +1,13 @@
-"""CUDA graphs for packed rows: the forward and backward of a row, captured once per row length
+"""CUDA graphs for packed rows: the forward and backward of a row, captured once per row shape
 and replayed, so the GPU runs the whole pass without waiting for Python to issue ~3,000 kernels.
 
-A packed row (train.micro_batches) is copied into the static buffers of the smallest captured
-length that holds it (a multiple of BUCKET tokens): the spare tokens form one more sample with no
-loss, spare sample slots are empty (zero-length), spare loss slots have no target. The pass's
-dropout seed lives on the device (lean_lora.begin_forward), so every replay draws new masks.
+A packed row (train.micro_batches) is copied into the static buffers of the graph for its shape:
+the smallest captured length that holds it (a multiple of BUCKET tokens), a number of sample slots
+(a power of two) and a longest sample (a power of two): flash attention's grid is sized by those
+two, so a graph made for 64 samples of up to 2,048 tokens would run ~10x the attention blocks of a
+row of 7 samples of up to 700. The spare tokens form one more sample with no loss, spare sample
+slots are empty (zero-length), spare loss slots have no target. The pass's dropout seed lives on
+the device (lean_lora.begin_forward), so every replay draws new masks.
 
 Used only where it is safe: CUDA, lean LoRA on every projection, Triton available. Anything
 else, or a row with more samples than MAX_SAMPLES, runs eagerly.
@@ -25,18 +28,33 @@ def bucket(tokens: int) -> int:
     return -(-tokens // BUCKET) * BUCKET
 
 
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << (max(1, n) - 1).bit_length())
+
+
+def shape_of(batch: dict) -> tuple[int, int, int]:
+    """(row length, sample slots, longest sample) of the graph that replays this packed row."""
+    tokens = batch["input_ids"].shape[1]
+    length = bucket(tokens)
+    samples = len(batch["cu_seq_lens_q"]) - 1
+    slots = _pow2(samples + 1, 4)  # one more sample holds the spare tokens
+    longest = min(length, _pow2(max(int(batch["max_length_q"]), length - tokens), 128))
+    return length, slots, longest
+
+
 class GraphedRows:
     def __init__(self, model, loss_fn):
         """loss_fn(batch) -> the row's summed loss (train.loss_of)."""
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.graphs: dict[int, tuple] = {}  # length -> (graph, static batch, loss, grads)
+        self.graphs: dict[tuple, tuple] = {}  # shape_of(row) -> (graph, static batch, loss, grads)
         self.pool = None
         self.broken = False
-        self.seen: dict[int, int] = {}
+        self.seen: dict[tuple, int] = {}
 
-    def _static(self, length: int, device) -> dict:
-        bounds = torch.full((MAX_SAMPLES + 2,), length, dtype=torch.int32, device=device)
+    def _static(self, shape: tuple, device) -> dict:
+        length, slots, longest = shape
+        bounds = torch.full((slots + 1,), length, dtype=torch.int32, device=device)
         bounds[0] = 0
         return {
             "input_ids": torch.zeros(1, length, dtype=torch.long, device=device),
@@ -46,8 +64,8 @@ class GraphedRows:
             "loss_positions": torch.zeros(length, dtype=torch.long, device=device),
             "loss_targets": torch.full((length,), -100, dtype=torch.long, device=device),
             "attention_mask": None,
-            "max_length_q": length,
-            "max_length_k": length,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
 
     def _fill(self, static: dict, batch: dict) -> None:
@@ -66,8 +84,8 @@ class GraphedRows:
         static["loss_targets"][:k].copy_(batch["loss_targets"])
         static["loss_targets"][k:].fill_(-100)
 
-    def _capture(self, length: int, batch: dict):
-        static = self._static(length, batch["input_ids"].device)
+    def _capture(self, shape: tuple, batch: dict):
+        static = self._static(shape, batch["input_ids"].device)
         self._fill(static, batch)
         saved = [p.grad for p in self.params]
         side = torch.cuda.Stream()
@@ -93,10 +111,10 @@ class GraphedRows:
 
     def row(self, batch: dict):
         """(summed loss, gradients) of one packed row (window() has checked that it fits a graph)."""
-        length = bucket(batch["input_ids"].shape[1])
-        if length not in self.graphs:
-            self.graphs[length] = self._capture(length, batch)
-        graph, static, loss, grads = self.graphs[length]
+        shape = shape_of(batch)
+        if shape not in self.graphs:
+            self.graphs[shape] = self._capture(shape, batch)
+        graph, static, loss, grads = self.graphs[shape]
         self._fill(static, batch)
         graph.replay()
         return loss, grads
@@ -104,14 +122,14 @@ class GraphedRows:
     def window(self, rows: list[dict], scale: float):
         """Loss (times scale) of a window of rows; leaves the window's gradient (times scale) in .grad.
         Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly."""
-        if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES + 1) for r in rows):
+        if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES) for r in rows):
             return None
-        lengths = [bucket(r["input_ids"].shape[1]) for r in rows]
-        if max(lengths) > MAX_TOKENS:
+        shapes = [shape_of(r) for r in rows]
+        if max(length for length, _, _ in shapes) > MAX_TOKENS:
             return None
-        for n in lengths:
-            self.seen[n] = self.seen.get(n, 0) + 1
-        if any(n not in self.graphs and self.seen[n] <= CAPTURE_AFTER for n in lengths):
+        for shape in shapes:
+            self.seen[shape] = self.seen.get(shape, 0) + 1
+        if any(shape not in self.graphs and self.seen[shape] <= CAPTURE_AFTER for shape in shapes):
             return None
         try:
             if len(rows) == 1:

@@ -8,6 +8,17 @@ path for everything else and is tested against these under Triton's CPU interpre
   CUDA graph that replays the kernels draws new masks whenever the tensor is refilled.
 - `swiglu(gate, up, p, seed)`: c = silu(gate) * up and, when p > 0, dropout(c), in one pass.
   `swiglu_backward(gate, up, grad_c)`: the gradients of gate and up, written over gate and up.
+
+For the lean decoder layer (lean_layer.py), the LoRA side of P projections that share an input x
+[T, K] (q/k/v, gate/up), with projection i's dropout mask drawn from Philox(seed + offset + i *
+step, t * K + k) and never stored:
+- `lora_a(x, a, p, seed, step)`: H[:, i*R:(i+1)*R] = dropout_i(x) A_i^T, one pass over x per i.
+- `lora_a_grad(x, gb, p, seed, step)`: grad A_i = gb_i^T dropout_i(x), float32 [P, R, K].
+- `lora_dx_add(dx, gb, a, p, seed, step)`: dx += sum_i dropout_i(gb_i A_i), in place.
+- `keep_mask(T, K, p, seed, offset)`: the mask itself (for tests).
+And `rms_norm(x, w, eps)` / `rms_norm_backward(dy, x, w, rstd)` (transformers' RMSNorm: the
+normalised x rounded to x's dtype, then times the weight), `rope(x, cos, sin, backward=False)`
+(rotate-half rotary embedding of x [T, heads, d] with cos/sin [T, d]; backward rotates back).
 """
 
 from __future__ import annotations
@@ -75,6 +86,144 @@ def _kernels():
     return dropout_kernel, swiglu_kernel, swiglu_backward_kernel
 
 
+@functools.cache
+def _lora_kernels():
+    import triton
+    import triton.language as tl
+
+    # The keep mask of a [rows, cols] tile is tl.rand(seed, t * K + k) > p, counters in uint32 (written
+    # out in each kernel: the interpreter does not see jit helpers defined in this closure).
+    @triton.jit
+    def lora_a_kernel(x_ptr, a_ptr, h_ptr, T, K, seed_ptr, offset, step, p, keep_scale, R: tl.constexpr,
+                      RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+        i = tl.program_id(1)
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        ranks = tl.arange(0, RP)
+        acc = tl.zeros([BT, RP], dtype=tl.float32)
+        seed = 0
+        if DROP:
+            seed = tl.load(seed_ptr) + offset + i * step
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < K),
+                        other=0.0)
+            if DROP:
+                x = tl.where(tl.rand(seed, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) > p, x, 0.0)
+            a = tl.load(a_ptr + (i * R + ranks[None, :]) * K + cols[:, None],
+                        mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
+            acc += tl.dot(x, a.to(x.dtype))
+        out = h_ptr + rows[:, None] * (P * R) + i * R + ranks[None, :]
+        tl.store(out, (acc * keep_scale).to(h_ptr.dtype.element_ty), mask=(rows[:, None] < T) & (ranks[None, :] < R))
+
+    @triton.jit
+    def lora_a_grad_kernel(x_ptr, g_ptr, out_ptr, T, K, rows_per_split, seed_ptr, offset, step, p, keep_scale,
+                           R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr):
+        i = tl.program_id(1)
+        split = tl.program_id(2)
+        cols = tl.program_id(0) * BK + tl.arange(0, BK)
+        ranks = tl.arange(0, RP)
+        acc = tl.zeros([RP, BK], dtype=tl.float32)
+        seed = 0
+        if DROP:
+            seed = tl.load(seed_ptr) + offset + i * step
+        start = split * rows_per_split
+        end = tl.minimum(start + rows_per_split, T)
+        for t0 in range(start, end, BT):
+            rows = t0 + tl.arange(0, BT)
+            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < end) & (cols[None, :] < K),
+                        other=0.0)
+            if DROP:
+                x = tl.where(tl.rand(seed, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) > p, x, 0.0)
+            g = tl.load(g_ptr + rows[:, None] * (P * R) + i * R + ranks[None, :],
+                        mask=(rows[:, None] < end) & (ranks[None, :] < R), other=0.0)
+            acc += tl.dot(tl.trans(g.to(x.dtype)), x)
+        out = out_ptr + ((split * P + i) * R + ranks[:, None]) * K + cols[None, :]
+        tl.store(out, acc * keep_scale, mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
+    @triton.jit
+    def lora_dx_kernel(dx_ptr, g_ptr, a_ptr, T, K, seed_ptr, offset, step, p, keep_scale, R: tl.constexpr,
+                       RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        ranks = tl.arange(0, RP)
+        inside = (rows[:, None] < T) & (cols[None, :] < K)
+        acc = tl.zeros([BT, BK], dtype=tl.float32)
+        for i in tl.static_range(P):
+            g = tl.load(g_ptr + rows[:, None] * (P * R) + i * R + ranks[None, :],
+                        mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+            a = tl.load(a_ptr + (i * R + ranks[:, None]) * K + cols[None, :],
+                        mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+            part = tl.dot(g, a.to(g.dtype))
+            if DROP:
+                counters = rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)
+                part = tl.where(tl.rand(tl.load(seed_ptr) + offset + i * step, counters) > p, part, 0.0)
+            acc += part
+        dx = tl.load(dx_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * K + cols[None, :], (dx + acc * keep_scale).to(dx_ptr.dtype.element_ty),
+                 mask=inside)
+
+    @triton.jit
+    def mask_kernel(out_ptr, T, K, seed_ptr, offset, p, BT: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        m = tl.rand(tl.load(seed_ptr) + offset, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) > p
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], m.to(tl.float32),
+                 mask=(rows[:, None] < T) & (cols[None, :] < K))
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        normed = x * rstd
+        dn = dy * w
+        dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=0) / N))
+        tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr):
+        t = tl.program_id(0)
+        heads = tl.arange(0, HB)
+        half = tl.arange(0, D // 2)
+        inside = heads[:, None] < H
+        base = x_ptr + t * H * D + heads[:, None] * D + half[None, :]
+        x1 = tl.load(base, mask=inside, other=0.0).to(tl.float32)
+        x2 = tl.load(base + D // 2, mask=inside, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + t * D + half).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + t * D + half).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+        if BACKWARD:  # the transpose of the rotation
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
+        else:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        out = out_ptr + t * H * D + heads[:, None] * D + half[None, :]
+        tl.store(out, y1.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out + D // 2, y2.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return (lora_a_kernel, lora_a_grad_kernel, lora_dx_kernel, mask_kernel, rms_norm_kernel, rms_norm_backward_kernel,
+            rope_kernel)
+
+
 def _chunks(n: int):
     """(start, end, index) of each launch; every launch's Philox stream gets its own seed."""
     for i, start in enumerate(range(0, n, CHUNK)):
@@ -117,3 +266,103 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_c: torch.Tensor):
     for s, e, _ in _chunks(gate.numel()):
         kernel[_grid(e - s)](g[s:e], u[s:e], dc[s:e], e - s, BLOCK=BLOCK)
     return gate, up
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, _pow2(r))  # tl.dot wants every dimension >= 16
+
+
+def _launch_seed(p: float, seed, like):
+    """(seed tensor, offset, whether to drop) for a launch; with p = 0 nothing is drawn and `like`
+    stands in for the seed tensor (never read)."""
+    if p > 0:
+        return seed[0], seed[1], True
+    return like, 0, False
+
+
+def lora_a(x, a, p: float, seed, step: int):
+    """x [T, K], a [P, R, K] (any float dtype) -> [T, P*R] in x's dtype: dropout_i(x) A_i^T side by side."""
+    import torch
+
+    T, K = x.shape
+    P, R, _ = a.shape
+    h = torch.empty(T, P * R, dtype=x.dtype, device=x.device)
+    seed_t, offset, drop = _launch_seed(p, seed, x)
+    BT, BK = 32, 128
+    _lora_kernels()[0][((T + BT - 1) // BT, P)](x, a, h, T, K, seed_t, offset, step, p, 1.0 / (1.0 - p), R=R,
+                                                 RP=_rank_pad(R), P=P, DROP=drop, BT=BT, BK=BK)
+    return h
+
+
+def lora_a_grad(x, gb, P: int, p: float, seed, step: int):
+    """x [T, K], gb [T, P*R] -> float32 [P, R, K]: gb_i^T dropout_i(x) for each i."""
+    import torch
+
+    T, K = x.shape
+    R = gb.shape[1] // P
+    BT, BK = 64, 64
+    k_blocks = (K + BK - 1) // BK
+    splits = max(1, min((T + 255) // 256, (2 * 132 + k_blocks * P - 1) // (k_blocks * P)))
+    rows = ((T + splits - 1) // splits + BT - 1) // BT * BT
+    splits = (T + rows - 1) // rows if T else 1
+    partial = torch.empty(splits, P, R, K, dtype=torch.float32, device=x.device)
+    seed_t, offset, drop = _launch_seed(p, seed, x)
+    _lora_kernels()[1][(k_blocks, P, splits)](x, gb, partial, T, K, rows, seed_t, offset, step, p, 1.0 / (1.0 - p),
+                                              R=R, RP=_rank_pad(R), P=P, DROP=drop, BT=BT, BK=BK)
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def lora_dx_add(dx, gb, a, p: float, seed, step: int):
+    """dx [T, K] += sum_i dropout_i(gb_i A_i), in place; gb [T, P*R], a [P, R, K]."""
+    T, K = dx.shape
+    P, R, _ = a.shape
+    BT, BK = 64, 128
+    seed_t, offset, drop = _launch_seed(p, seed, dx)
+    _lora_kernels()[2][((T + BT - 1) // BT, (K + BK - 1) // BK)](dx, gb, a, T, K, seed_t, offset, step, p,
+                                                                 1.0 / (1.0 - p), R=R, RP=_rank_pad(R), P=P,
+                                                                 DROP=drop, BT=BT, BK=BK)
+    return dx
+
+
+def keep_mask(T: int, K: int, p: float, seed, device):
+    """The keep mask (1.0 / 0.0) that the kernels above draw for (seed tensor, offset)."""
+    import torch
+
+    out = torch.empty(T, K, dtype=torch.float32, device=device)
+    _lora_kernels()[3][((T + 31) // 32, (K + 63) // 64)](out, T, K, seed[0], seed[1], p, BT=32, BK=64)
+    return out
+
+
+def rms_norm(x, w, eps: float):
+    """(y, rstd) of transformers' RMSNorm for x [T, N]: y = w * (x * rstd).to(x.dtype); rstd float32 [T]."""
+    import torch
+
+    T, N = x.shape
+    y = torch.empty_like(x)
+    rstd = torch.empty(T, dtype=torch.float32, device=x.device)
+    _lora_kernels()[4][(T,)](x, w, y, rstd, N, eps, BLOCK=_pow2(N))
+    return y, rstd
+
+
+def rms_norm_backward(dy, x, w, rstd):
+    import torch
+
+    T, N = x.shape
+    dx = torch.empty_like(x)
+    _lora_kernels()[5][(T,)](dy.contiguous(), x, w, rstd, dx, N, BLOCK=_pow2(N))
+    return dx
+
+
+def rope(x, cos, sin, backward: bool = False):
+    """Rotary embedding (rotate-half) of x [T, H, D] by cos/sin [T, D]; a new tensor."""
+    import torch
+
+    T, H, D = x.shape
+    out = torch.empty_like(x)
+    _lora_kernels()[6][(T,)](x.contiguous(), cos.contiguous(), sin.contiguous(), out, H, D=D, HB=_pow2(H),
+                             BACKWARD=backward)
+    return out

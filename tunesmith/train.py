@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import distributed, fast, graphs, lean_lora, planner, resume
+from . import distributed, fast, graphs, lean_layer, lean_lora, planner, resume
 from .args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
 from .data import check_local
@@ -150,12 +150,14 @@ def run_plan(args: SftArguments, n_samples: int, world: int = 1) -> dict:
 
 def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None,
                   memory_budget: int | None = None):
-    """Fast-path switches (see fast.py), LoRA, and activation checkpointing where memory needs it."""
+    """Fast-path switches (see fast.py), LoRA, and recompute/checkpointing where memory needs it."""
     notes = []
     if args.packing_window:
         fast.use_document_attention(model)
         notes.append("packed windows with per-sample attention")
-    if device.startswith("cuda") and args.use_liger:
+    lean_layers = args.lean_lora and args.packing_window and args.target_modules == ["all-linear"] and all(
+        lean_layer.supported(layer) for layer in fast.decoder_layers(model))
+    if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = fast.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
     model = add_lora(model, args)
@@ -164,12 +166,24 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         n = lean_lora.use_lean_lora(model)
         notes += [f"lean LoRA on {n} projections"] if n else []
         lean = lean_lora.all_lean(model)
+        lean_layers = lean_layers and lean_layer.use_lean_layers(model)
+        notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
         reserve = planner.loss_bytes(model.config.vocab_size, model.config.hidden_size, longest_row or 0, 2)
-        liger = any("Liger" in n for n in notes)
-        share = fast.plan_checkpointing(model, longest_row, liger, lean, reserve=reserve,
-                                        budget=memory_budget) if device.startswith("cuda") else 0.0
+        if not device.startswith("cuda"):
+            share = 0.0
+        elif lean_layers and lean_layers == len(fast.decoder_layers(model)):
+            levels, k = fast.plan_memory(model, longest_row, reserve=reserve, budget=memory_budget)
+            for layer, level in zip(fast.decoder_layers(model), levels):
+                layer._tunesmith_recompute = level
+            share = k / len(levels)
+            if any(levels):
+                notes.append(f"up recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in "
+                             f"{sum(lv == 2 for lv in levels)}")
+        else:
+            liger = any("Liger" in n for n in notes)
+            share = fast.plan_checkpointing(model, longest_row, liger, lean, reserve=reserve, budget=memory_budget)
     n = fast.checkpoint_layers(model, float(share), preserve_rng=not lean)
     notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
     log("fast path: " + ", ".join(notes))
