@@ -57,18 +57,23 @@ def lora_kernels(device: str) -> None:
     masks = [kernels.keep_mask(T, K, p, (seed_t, 11 + i * step), device) for i in range(P)]
     kept = torch.stack(masks).mean().item()
     assert abs(kept - (1 - p)) < 0.03, kept
+    a_used = a.to(dtype).float()  # (the kernels multiply in x's precision)
+    a = a_used if device == "cpu" else a
+    assert all(not torch.equal(masks[0], m) for m in masks[1:])  # each projection its own mask
+    agree = (masks[0] == masks[1]).float().mean().item()  # independent masks agree on p^2 + (1-p)^2
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.03, agree
     dropped = [(x.float() * m / (1 - p)) for m in masks]
-    expect = torch.cat([d @ a[i].t() for i, d in enumerate(dropped)], 1)
+    expect = torch.cat([d @ a_used[i].t() for i, d in enumerate(dropped)], 1)
     torch.testing.assert_close(kernels.lora_a(x, a, p, (seed_t, 11), step).float(), expect, **tol)
     gb = torch.randn(T, P * R, device=device, dtype=dtype)
     expect = torch.stack([gb[:, i * R:(i + 1) * R].float().t() @ d for i, d in enumerate(dropped)])
     torch.testing.assert_close(kernels.lora_a_grad(x, gb, P, p, (seed_t, 11), step), expect, **tol)
     dx = torch.randn(T, K, device=device, dtype=dtype)
-    expect = dx.float() + sum((gb[:, i * R:(i + 1) * R].float() @ a[i]) * masks[i] / (1 - p) for i in range(P))
+    expect = dx.float() + sum((gb[:, i * R:(i + 1) * R].float() @ a_used[i]) * masks[i] / (1 - p) for i in range(P))
     torch.testing.assert_close(kernels.lora_dx_add(dx.clone(), gb, a, p, (seed_t, 11), step).float(), expect, **tol)
     # no dropout: the same kernels without masks
     torch.testing.assert_close(kernels.lora_a(x, a, 0.0, None, step).float(),
-                               torch.cat([x.float() @ a[i].t() for i in range(P)], 1), **tol)
+                               torch.cat([x.float() @ a_used[i].t() for i in range(P)], 1), **tol)
 
 
 def norm_and_rope(device: str) -> None:

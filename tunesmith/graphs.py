@@ -2,11 +2,10 @@
 and replayed, so the GPU runs the whole pass without waiting for Python to issue ~3,000 kernels.
 
 A packed row (train.micro_batches) is copied into the static buffers of the graph for its shape:
-the smallest captured length that holds it (a multiple of BUCKET tokens), a number of sample slots
-(a power of two) and a longest sample (a power of two): flash attention's grid is sized by those
-two, so a graph made for 64 samples of up to 2,048 tokens would run ~10x the attention blocks of a
-row of 7 samples of up to 700. The spare tokens form one more sample with no loss, spare sample
-slots are empty (zero-length), spare loss slots have no target. The pass's dropout seed lives on
+the smallest captured length that holds it (a multiple of BUCKET tokens) and a number of sample
+slots (a power of two, at least 8): flash attention's grid is sized by the slots, so one graph for
+64 slots would run ~8x the attention blocks of a row of 7 samples. The spare tokens form one more
+sample with no loss, spare sample slots are empty (zero-length), spare loss slots have no target. The pass's dropout seed lives on
 the device (lean_lora.begin_forward), so every replay draws new masks.
 
 Used only where it is safe: CUDA, lean LoRA on every projection, Triton available. Anything
@@ -20,7 +19,8 @@ import torch
 BUCKET = 256
 MAX_SAMPLES = 64
 CAPTURE_AFTER = 3  # a row length runs eagerly this often before it is captured: short runs pay no capture
-MAX_TOKENS = 16384  # longer rows keep the GPU busy on their own, and a second memory pool would not fit
+MAX_TOKENS = 1024  # longer rows keep the GPU busy on their own (2,048-token rows of the 7B: eager as fast as
+# replayed, bench/RESULTS.md), and the graph's memory pool beside the eager cache would only cost memory
 
 
 def bucket(tokens: int) -> int:
@@ -33,13 +33,11 @@ def _pow2(n: int, least: int) -> int:
 
 
 def shape_of(batch: dict) -> tuple[int, int, int]:
-    """(row length, sample slots, longest sample) of the graph that replays this packed row."""
-    tokens = batch["input_ids"].shape[1]
-    length = bucket(tokens)
-    samples = len(batch["cu_seq_lens_q"]) - 1
-    slots = _pow2(samples + 1, 4)  # one more sample holds the spare tokens
-    longest = min(length, _pow2(max(int(batch["max_length_q"]), length - tokens), 128))
-    return length, slots, longest
+    """(row length, sample slots, longest sample) of the graph that replays this packed row. (The
+    longest sample is taken as the row length: keying graphs on it too made too many graphs.)"""
+    length = bucket(batch["input_ids"].shape[1])
+    slots = _pow2(len(batch["cu_seq_lens_q"]), 8)  # the samples and one more for the spare tokens
+    return length, slots, length
 
 
 class GraphedRows:

@@ -10,8 +10,8 @@ path for everything else and is tested against these under Triton's CPU interpre
   `swiglu_backward(gate, up, grad_c)`: the gradients of gate and up, written over gate and up.
 
 For the lean decoder layer (lean_layer.py), the LoRA side of P projections that share an input x
-[T, K] (q/k/v, gate/up), with projection i's dropout mask drawn from Philox(seed + offset + i *
-step, t * K + k) and never stored:
+[T, K] (q/k/v, gate/up), with projection i's dropout mask drawn from an integer hash of (seed +
+offset + i * step, t * K + k) and never stored (the kernels live in triton_lora.py):
 - `lora_a(x, a, p, seed, step)`: H[:, i*R:(i+1)*R] = dropout_i(x) A_i^T, one pass over x per i.
 - `lora_a_grad(x, gb, p, seed, step)`: grad A_i = gb_i^T dropout_i(x), float32 [P, R, K].
 - `lora_dx_add(dx, gb, a, p, seed, step)`: dx += sum_i dropout_i(gb_i A_i), in place.
@@ -88,140 +88,10 @@ def _kernels():
 
 @functools.cache
 def _lora_kernels():
-    import triton
-    import triton.language as tl
+    from . import triton_lora as k  # (imports Triton: only when a kernel is first asked for)
 
-    # The keep mask of a [rows, cols] tile is tl.rand(seed, t * K + k) > p, counters in uint32 (written
-    # out in each kernel: the interpreter does not see jit helpers defined in this closure).
-    @triton.jit
-    def lora_a_kernel(x_ptr, a_ptr, h_ptr, T, K, seed_ptr, offset, step, p, keep_scale, R: tl.constexpr,
-                      RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-        i = tl.program_id(1)
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        ranks = tl.arange(0, RP)
-        acc = tl.zeros([BT, RP], dtype=tl.float32)
-        seed = 0
-        if DROP:
-            seed = tl.load(seed_ptr) + offset + i * step
-        for k0 in range(0, K, BK):
-            cols = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < K),
-                        other=0.0)
-            if DROP:
-                x = tl.where(tl.rand(seed, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) > p, x, 0.0)
-            a = tl.load(a_ptr + (i * R + ranks[None, :]) * K + cols[:, None],
-                        mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
-            acc += tl.dot(x, a.to(x.dtype))
-        out = h_ptr + rows[:, None] * (P * R) + i * R + ranks[None, :]
-        tl.store(out, (acc * keep_scale).to(h_ptr.dtype.element_ty), mask=(rows[:, None] < T) & (ranks[None, :] < R))
-
-    @triton.jit
-    def lora_a_grad_kernel(x_ptr, g_ptr, out_ptr, T, K, rows_per_split, seed_ptr, offset, step, p, keep_scale,
-                           R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr):
-        i = tl.program_id(1)
-        split = tl.program_id(2)
-        cols = tl.program_id(0) * BK + tl.arange(0, BK)
-        ranks = tl.arange(0, RP)
-        acc = tl.zeros([RP, BK], dtype=tl.float32)
-        seed = 0
-        if DROP:
-            seed = tl.load(seed_ptr) + offset + i * step
-        start = split * rows_per_split
-        end = tl.minimum(start + rows_per_split, T)
-        for t0 in range(start, end, BT):
-            rows = t0 + tl.arange(0, BT)
-            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < end) & (cols[None, :] < K),
-                        other=0.0)
-            if DROP:
-                x = tl.where(tl.rand(seed, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) > p, x, 0.0)
-            g = tl.load(g_ptr + rows[:, None] * (P * R) + i * R + ranks[None, :],
-                        mask=(rows[:, None] < end) & (ranks[None, :] < R), other=0.0)
-            acc += tl.dot(tl.trans(g.to(x.dtype)), x)
-        out = out_ptr + ((split * P + i) * R + ranks[:, None]) * K + cols[None, :]
-        tl.store(out, acc * keep_scale, mask=(ranks[:, None] < R) & (cols[None, :] < K))
-
-    @triton.jit
-    def lora_dx_kernel(dx_ptr, g_ptr, a_ptr, T, K, seed_ptr, offset, step, p, keep_scale, R: tl.constexpr,
-                       RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        ranks = tl.arange(0, RP)
-        inside = (rows[:, None] < T) & (cols[None, :] < K)
-        acc = tl.zeros([BT, BK], dtype=tl.float32)
-        for i in tl.static_range(P):
-            g = tl.load(g_ptr + rows[:, None] * (P * R) + i * R + ranks[None, :],
-                        mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
-            a = tl.load(a_ptr + (i * R + ranks[:, None]) * K + cols[None, :],
-                        mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
-            part = tl.dot(g, a.to(g.dtype))
-            if DROP:
-                counters = rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)
-                part = tl.where(tl.rand(tl.load(seed_ptr) + offset + i * step, counters) > p, part, 0.0)
-            acc += part
-        dx = tl.load(dx_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows[:, None] * K + cols[None, :], (dx + acc * keep_scale).to(dx_ptr.dtype.element_ty),
-                 mask=inside)
-
-    @triton.jit
-    def mask_kernel(out_ptr, T, K, seed_ptr, offset, p, BT: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        m = tl.rand(tl.load(seed_ptr) + offset, rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)) > p
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], m.to(tl.float32),
-                 mask=(rows[:, None] < T) & (cols[None, :] < K))
-
-    @triton.jit
-    def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        inside = cols < N
-        x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-        normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=inside)
-        tl.store(rstd_ptr + row, rstd)
-
-    @triton.jit
-    def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        inside = cols < N
-        x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        normed = x * rstd
-        dn = dy * w
-        dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=0) / N))
-        tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
-
-    @triton.jit
-    def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr):
-        t = tl.program_id(0)
-        heads = tl.arange(0, HB)
-        half = tl.arange(0, D // 2)
-        inside = heads[:, None] < H
-        base = x_ptr + t * H * D + heads[:, None] * D + half[None, :]
-        x1 = tl.load(base, mask=inside, other=0.0).to(tl.float32)
-        x2 = tl.load(base + D // 2, mask=inside, other=0.0).to(tl.float32)
-        c1 = tl.load(cos_ptr + t * D + half).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + t * D + half).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
-        if BACKWARD:  # the transpose of the rotation
-            y1 = x1 * c1 + x2 * s2
-            y2 = x2 * c2 - x1 * s1
-        else:
-            y1 = x1 * c1 - x2 * s1
-            y2 = x2 * c2 + x1 * s2
-        out = out_ptr + t * H * D + heads[:, None] * D + half[None, :]
-        tl.store(out, y1.to(out_ptr.dtype.element_ty), mask=inside)
-        tl.store(out + D // 2, y2.to(out_ptr.dtype.element_ty), mask=inside)
-
-    return (lora_a_kernel, lora_a_grad_kernel, lora_dx_kernel, mask_kernel, rms_norm_kernel, rms_norm_backward_kernel,
-            rope_kernel)
+    return k.lora_a_kernel, k.lora_a_grad_kernel, k.lora_dx_kernel, k.mask_kernel, k.rms_norm_kernel, \
+        k.rms_norm_backward_kernel, k.rope_kernel
 
 
 def _chunks(n: int):
@@ -284,18 +154,29 @@ def _launch_seed(p: float, seed, like):
     return like, 0, False
 
 
+def _threshold(p: float) -> int:
+    return int(round(p * 2**24))  # keep when the hash's top 24 bits are >= this
+
+
+SMS = 132  # streaming multiprocessors of an H100: split work so that each gets a few programs
+
+
 def lora_a(x, a, p: float, seed, step: int):
     """x [T, K], a [P, R, K] (any float dtype) -> [T, P*R] in x's dtype: dropout_i(x) A_i^T side by side."""
     import torch
 
     T, K = x.shape
     P, R, _ = a.shape
-    h = torch.empty(T, P * R, dtype=x.dtype, device=x.device)
+    BT, BK = 64, 64
+    t_blocks = (T + BT - 1) // BT
+    splits = max(1, min((K + 511) // 512, (4 * SMS + t_blocks * P - 1) // (t_blocks * P)))
+    per_split = ((K + splits - 1) // splits + BK - 1) // BK * BK
+    splits = (K + per_split - 1) // per_split
+    partial = torch.empty(splits, T, P * R, dtype=torch.float32, device=x.device)
     seed_t, offset, drop = _launch_seed(p, seed, x)
-    BT, BK = 32, 128
-    _lora_kernels()[0][((T + BT - 1) // BT, P)](x, a, h, T, K, seed_t, offset, step, p, 1.0 / (1.0 - p), R=R,
-                                                 RP=_rank_pad(R), P=P, DROP=drop, BT=BT, BK=BK)
-    return h
+    _lora_kernels()[0][(t_blocks, P, splits)](x, a, partial, T, K, per_split, seed_t, offset, step, _threshold(p),
+                                              1.0 / (1.0 - p), R=R, RP=_rank_pad(R), P=P, DROP=drop, BT=BT, BK=BK)
+    return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
 
 
 def lora_a_grad(x, gb, P: int, p: float, seed, step: int):
@@ -304,15 +185,15 @@ def lora_a_grad(x, gb, P: int, p: float, seed, step: int):
 
     T, K = x.shape
     R = gb.shape[1] // P
-    BT, BK = 64, 64
+    BT, BK = 64, 128
     k_blocks = (K + BK - 1) // BK
-    splits = max(1, min((T + 255) // 256, (2 * 132 + k_blocks * P - 1) // (k_blocks * P)))
+    splits = max(1, min((T + 255) // 256, (4 * SMS + k_blocks * P - 1) // (k_blocks * P)))
     rows = ((T + splits - 1) // splits + BT - 1) // BT * BT
     splits = (T + rows - 1) // rows if T else 1
     partial = torch.empty(splits, P, R, K, dtype=torch.float32, device=x.device)
     seed_t, offset, drop = _launch_seed(p, seed, x)
-    _lora_kernels()[1][(k_blocks, P, splits)](x, gb, partial, T, K, rows, seed_t, offset, step, p, 1.0 / (1.0 - p),
-                                              R=R, RP=_rank_pad(R), P=P, DROP=drop, BT=BT, BK=BK)
+    _lora_kernels()[1][(k_blocks, P, splits)](x, gb, partial, T, K, rows, seed_t, offset, step, _threshold(p),
+                                              1.0 / (1.0 - p), R=R, RP=_rank_pad(R), P=P, DROP=drop, BT=BT, BK=BK)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -322,7 +203,7 @@ def lora_dx_add(dx, gb, a, p: float, seed, step: int):
     P, R, _ = a.shape
     BT, BK = 64, 128
     seed_t, offset, drop = _launch_seed(p, seed, dx)
-    _lora_kernels()[2][((T + BT - 1) // BT, (K + BK - 1) // BK)](dx, gb, a, T, K, seed_t, offset, step, p,
+    _lora_kernels()[2][((T + BT - 1) // BT, (K + BK - 1) // BK)](dx, gb, a, T, K, seed_t, offset, step, _threshold(p),
                                                                  1.0 / (1.0 - p), R=R, RP=_rank_pad(R), P=P,
                                                                  DROP=drop, BT=BT, BK=BK)
     return dx
@@ -333,7 +214,7 @@ def keep_mask(T: int, K: int, p: float, seed, device):
     import torch
 
     out = torch.empty(T, K, dtype=torch.float32, device=device)
-    _lora_kernels()[3][((T + 31) // 32, (K + 63) // 64)](out, T, K, seed[0], seed[1], p, BT=32, BK=64)
+    _lora_kernels()[3][((T + 31) // 32, (K + 63) // 64)](out, T, K, seed[0], seed[1], _threshold(p), BT=32, BK=64)
     return out
 
 

@@ -341,13 +341,13 @@ def load_model(path: Path, dtype, device: str, quant_bits: int | None = None):
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
-    extra = {"quantization_config": quantization_config(quant_bits, dtype), "device_map": {"": device}} if quant_bits else {}
+    extra = {"quantization_config": quantization_config(quant_bits, dtype)} if quant_bits else {}
+    if device != "cpu" or quant_bits:  # straight from the files onto the GPU: no full copy in host memory
+        extra["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
     except Exception as e:
         raise UserError(f"cannot load the model from {path} ({str(e).splitlines()[0][:200]})") from None
-    if not quant_bits:
-        model.to(device)
     stored = f"{quant_bits}-bit {'nf4' if quant_bits == 4 else 'int8'}, computed in " if quant_bits else ""
     log(f"loaded {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {stored}"
         f"{str(dtype).replace('torch.', '')}, {device}) in {time.time() - t0:.1f} s")

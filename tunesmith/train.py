@@ -168,6 +168,8 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         lean = lean_lora.all_lean(model)
         lean_layers = lean_layers and lean_layer.use_lean_layers(model)
         notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
+        for layer in fast.decoder_layers(model):
+            layer._tunesmith_recompute = 0  # (until plan_memory below asks for more)
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
         reserve = planner.loss_bytes(model.config.vocab_size, model.config.hidden_size, longest_row or 0, 2)

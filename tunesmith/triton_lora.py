@@ -1,0 +1,161 @@
+"""Triton kernels of the lean decoder layer (wrapped, documented and tested through kernels.py).
+
+Imported on first use only (it imports Triton). The dropout mask of projection i is
+keep(seed + offset + i * step, t * K + k): a cheap integer hash (lowbias32) of the element's counter
+and the hashed seed, compared with p: drawn inside every kernel that needs it, never stored.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _hash(x):
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def keep(seed, rows, cols, K, threshold):
+    """The keep mask of a [rows, cols] tile for an int seed; threshold = p * 2^24."""
+    s = _hash(seed.to(tl.uint32))
+    counters = rows[:, None].to(tl.uint32) * K + cols[None, :].to(tl.uint32)
+    return (_hash((counters ^ s) * 0x9E3779B1 + s) >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def lora_a_kernel(x_ptr, a_ptr, out_ptr, T, K, k_per_split, seed_ptr, offset, step, threshold, keep_scale,
+                  R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr):
+    """out[split, t, i*R + r] = keep_scale * sum over this split's k of keep_i(t, k) x[t, k] A_i[r, k]."""
+    i = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    ranks = tl.arange(0, RP)
+    acc = tl.zeros([BT, RP], dtype=tl.float32)
+    seed = tl.load(seed_ptr) + offset + i * step
+    start = split * k_per_split
+    end = tl.minimum(start + k_per_split, K)
+    for k0 in range(start, end, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < end),
+                    other=0.0)
+        if DROP:
+            x = tl.where(keep(seed, rows, cols, K, threshold), x, 0.0)
+        a = tl.load(a_ptr + (i * R + ranks[None, :]) * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < end),
+                    other=0.0)
+        acc += tl.dot(x, a.to(x.dtype))
+    out = out_ptr + (split * T + rows[:, None]).to(tl.int64) * (P * R) + i * R + ranks[None, :]
+    tl.store(out, acc * keep_scale, mask=(rows[:, None] < T) & (ranks[None, :] < R))
+
+
+@triton.jit
+def lora_a_grad_kernel(x_ptr, g_ptr, out_ptr, T, K, rows_per_split, seed_ptr, offset, step, threshold, keep_scale,
+                       R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr):
+    """out[split, i, r, k] = keep_scale * sum over this split's t of g[t, i*R + r] keep_i(t, k) x[t, k]."""
+    i = tl.program_id(1)
+    split = tl.program_id(2)
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    ranks = tl.arange(0, RP)
+    acc = tl.zeros([RP, BK], dtype=tl.float32)
+    seed = tl.load(seed_ptr) + offset + i * step
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, T)
+    for t0 in range(start, end, BT):
+        rows = t0 + tl.arange(0, BT)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=(rows[:, None] < end) & (cols[None, :] < K),
+                    other=0.0)
+        if DROP:
+            x = tl.where(keep(seed, rows, cols, K, threshold), x, 0.0)
+        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (P * R) + i * R + ranks[None, :],
+                    mask=(rows[:, None] < end) & (ranks[None, :] < R), other=0.0)
+        acc += tl.dot(tl.trans(g.to(x.dtype)), x)
+    out = out_ptr + ((split * P + i) * R + ranks[:, None]) * K + cols[None, :]
+    tl.store(out, acc * keep_scale, mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
+
+@triton.jit
+def lora_dx_kernel(dx_ptr, g_ptr, a_ptr, T, K, seed_ptr, offset, step, threshold, keep_scale, R: tl.constexpr,
+                   RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """dx[t, k] += keep_scale * sum_i keep_i(t, k) sum_r g[t, i*R + r] A_i[r, k]."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    ranks = tl.arange(0, RP)
+    inside = (rows[:, None] < T) & (cols[None, :] < K)
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    for i in tl.static_range(P):
+        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (P * R) + i * R + ranks[None, :],
+                    mask=(rows[:, None] < T) & (ranks[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + (i * R + ranks[:, None]) * K + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
+                    other=0.0)
+        part = tl.dot(g, a.to(g.dtype))
+        if DROP:
+            part = tl.where(keep(tl.load(seed_ptr) + offset + i * step, rows, cols, K, threshold), part, 0.0)
+        acc += part
+    dx = tl.load(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], (dx + acc * keep_scale).to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def mask_kernel(out_ptr, T, K, seed_ptr, offset, threshold, BT: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = keep(tl.load(seed_ptr) + offset, rows, cols, K, threshold)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], m.to(tl.float32), mask=(rows[:, None] < T) & (cols[None, :] < K))
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + row)
+    normed = x * rstd
+    dn = dy * w
+    dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=0) / N))
+    tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, HB)
+    half = tl.arange(0, D // 2)
+    inside = heads[:, None] < H
+    base = x_ptr + t * H * D + heads[:, None] * D + half[None, :]
+    x1 = tl.load(base, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(base + D // 2, mask=inside, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * D + half).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * D + half).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    if BACKWARD:  # the transpose of the rotation
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    out = out_ptr + t * H * D + heads[:, None] * D + half[None, :]
+    tl.store(out, y1.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out + D // 2, y2.to(out_ptr.dtype.element_ty), mask=inside)
