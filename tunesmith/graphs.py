@@ -18,9 +18,10 @@ import torch
 
 BUCKET = 256
 MAX_SAMPLES = 64
-CAPTURE_AFTER = 3  # a row length runs eagerly this often before it is captured: short runs pay no capture
-MAX_TOKENS = 1024  # longer rows keep the GPU busy on their own (2,048-token rows of the 7B: eager as fast as
-# replayed, bench/RESULTS.md), and the graph's memory pool beside the eager cache would only cost memory
+CAPTURE_AFTER = 3  # rows run eagerly this often before the first capture: short runs pay no capture. Later
+# shapes are captured at first sight, into the same memory pool: eager passes beside the pool would hold
+# a second set of activations in the allocator's cache
+MAX_TOKENS = 16384  # longer rows keep the GPU busy on their own, and a second memory pool would not fit
 
 
 def bucket(tokens: int) -> int:
@@ -86,13 +87,14 @@ class GraphedRows:
         static = self._static(shape, batch["input_ids"].device)
         self._fill(static, batch)
         saved = [p.grad for p in self.params]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up pass on a side stream, as capture wants
-            for p in self.params:
-                p.grad = None
-            self.loss_fn(static).backward()
-        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:  # a warm-up pass on a side stream before the first capture, as capture wants
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for p in self.params:
+                    p.grad = None
+                self.loss_fn(static).backward()
+            torch.cuda.current_stream().wait_stream(side)
         for p in self.params:
             p.grad = None  # backward inside the capture makes the gradients, in the graph's memory
         torch.cuda.synchronize()
@@ -127,7 +129,7 @@ class GraphedRows:
             return None
         for shape in shapes:
             self.seen[shape] = self.seen.get(shape, 0) + 1
-        if any(shape not in self.graphs and self.seen[shape] <= CAPTURE_AFTER for shape in shapes):
+        if not self.graphs and any(self.seen[shape] <= CAPTURE_AFTER for shape in shapes):
             return None
         try:
             if len(rows) == 1:
