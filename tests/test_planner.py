@@ -39,6 +39,36 @@ def test_estimate_matches_h100_measurements(qwen7b, lean, checkpointed, measured
     assert est["allocated"] / GiB >= measured_gib * 0.97  # errs on the safe side
 
 
+@pytest.mark.parametrize("tokens, checkpointed, measured_gib", [(2048, 0, 20.44), (32768, 28, 26.7), (65536, 28, 38.3),
+                                                               (131072, 28, 62.2)])
+def test_estimate_matches_h100_measurements_on_lean_layers(qwen7b, tokens, checkpointed, measured_gib):
+    """bench/RESULTS.md (session 3, run s3-4: bench_lora engine ts_gc0, and the longest-sequence probe with every
+    layer checkpointed, one sample of N tokens with 60% answer tokens); peak allocated."""
+    s = planner.Settings(tokens=tokens, loss_tokens=int(0.6 * tokens), checkpointed=checkpointed, lean_layers=True)
+    est = planner.estimate(planner.read_shape(qwen7b), s)
+    assert est["allocated"] / GiB == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_lean_layers_recompute_before_checkpointing(qwen7b):
+    """With too little memory for everything, sft first recomputes `up` (then `gate`) in backward, one matmul a
+    layer, and checkpoints whole layers only when that is not enough."""
+    from tunesmith import fast
+
+    widths = fast.lean_layer_widths(3584, 18944, 28, 4, 128)
+    unit = 3584 * 2 * 2048
+    everything = fast.lean_activation_bytes(widths, unit, [0] * 28, set())
+    assert fast.choose_recompute(28, widths, unit, everything) == ([0] * 28, set())
+    levels, checkpointed = fast.choose_recompute(28, widths, unit, 0.7 * everything)
+    assert not checkpointed and set(levels) == {0, 1}  # up recomputed in some layers only
+    levels, checkpointed = fast.choose_recompute(28, widths, unit, 0.5 * everything)
+    assert not checkpointed and set(levels) == {1, 2}  # gate too in some
+    levels, checkpointed = fast.choose_recompute(28, widths, unit, 0.25 * everything)
+    assert 0 < len(checkpointed) < 28 and levels == [2] * 28
+    for free in (0.7, 0.5, 0.25):
+        plan = fast.choose_recompute(28, widths, unit, free * everything)
+        assert fast.lean_activation_bytes(widths, unit, *plan) <= free * everything
+
+
 def test_dry_run_loads_only_the_config(qwen7b):
     proc = tunesmith("sft", "--model", qwen7b, "--dry_run", "true", "--max_length", "32768", env_extra={"CUDA_VISIBLE_DEVICES": ""})
     out = proc.stdout

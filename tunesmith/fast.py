@@ -267,26 +267,51 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     return k / layers
 
 
-def lean_layer_widths(config) -> tuple[float, float, float]:
+def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int):
     """What one lean decoder layer (lean_layer.py) keeps per token, in hidden-widths: (with nothing
     recomputed, less per recompute level, transient while one layer runs backward)."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or hidden // heads
-    attention = (2 * heads * d + 2 * kv * d) / hidden  # q and the output, k and v
-    mlp = inter / hidden  # gate or up
+    attention = (2 * heads * head_dim + 2 * kv_heads * head_dim) / hidden  # q and the output, k and v
+    mlp = intermediate / hidden  # gate or up
     return 2 + attention + 2 * mlp, mlp, 3 * mlp + 4  # + x and h; transient: the product, its gradient, a recompute
+
+
+def lean_activation_bytes(widths: tuple, unit: float, levels: list[int], checkpointed: set) -> float:
+    """Saved activations of lean layers at these recompute levels with these layers checkpointed (a
+    checkpointed layer keeps its input; one at a time is recomputed, at level 2); unit = one hidden-width
+    of one layer (hidden x element size x tokens)."""
+    full, mlp, transient = widths
+    kept = sum(full - lv * mlp for i, lv in enumerate(levels) if i not in checkpointed)
+    kept += len(checkpointed) + ((full - 2 * mlp) if checkpointed else 0)
+    return (kept + transient) * unit
+
+
+def choose_recompute(layers: int, widths: tuple, unit: float, free: float) -> tuple[list[int], set]:
+    """The least recompute whose activations fit `free` bytes, cheapest first: `up` recomputed layer by
+    layer (one matmul each), then `gate` too, then whole layers checkpointed (all of them if nothing fits)."""
+    def spread(k):
+        return {round(i * layers / k) for i in range(k)} if k else set()
+
+    plans = []
+    for u in range(2 * layers + 1):
+        ones, twos = (spread(u), set()) if u <= layers else (set(range(layers)), spread(u - layers))
+        plans.append(([2 if i in twos else 1 if i in ones else 0 for i in range(layers)], set()))
+    plans += [([2] * layers, spread(k)) for k in range(1, layers + 1)]
+    return next((p for p in plans if lean_activation_bytes(widths, unit, *p) <= free), plans[-1])
+
+
+def config_widths(config) -> tuple:
+    heads = config.num_attention_heads
+    return lean_layer_widths(config.hidden_size, config.intermediate_size, heads, config.num_key_value_heads,
+                             getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None = None) -> tuple[list[int], int]:
     """For a model on lean decoder layers: the least recompute that fits the activations of `tokens`
-    tokens in `budget` bytes in all (else 85% of what is free now), less `reserve`. Cheapest first:
-    recompute `up` in backward layer by layer (one matmul each), then `gate` too, then checkpoint
-    whole layers. Returns (recompute level per layer, how many layers to checkpoint)."""
+    tokens in `budget` bytes in all (else 85% of what is free now), less `reserve` (the loss) and the
+    adapter's gradients and AdamW states. Returns (recompute level per layer, how many layers to checkpoint)."""
     from .models import log
 
-    layers = decoder_layers(model)
-    n = len(layers)
+    n = len(decoder_layers(model))
     if not tokens or not torch.cuda.is_available():
         return [0] * n, 0
     elt = next(model.parameters()).element_size()
@@ -295,27 +320,13 @@ def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None 
         free = (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
     else:
         free = budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
-    full, mlp, transient = lean_layer_widths(model.config)
-    unit = model.config.hidden_size * elt * tokens  # one hidden-width of one layer
-
-    def spread(k):
-        return {round(i * n / k) for i in range(k)} if k else set()
-
-    def need(levels, checkpointed):
-        kept = sum(full - lv * mlp for i, lv in enumerate(levels) if i not in checkpointed)
-        kept += len(checkpointed) * 1 + ((full - 2 * mlp) if checkpointed else 0)
-        return (kept + transient) * unit
-
-    plans = []
-    for u in range(2 * n + 1):
-        ones, twos = (spread(u), set()) if u <= n else (set(range(n)), spread(u - n))
-        plans.append(([2 if i in twos else 1 if i in ones else 0 for i in range(n)], set()))
-    plans += [([2] * n, spread(k)) for k in range(1, n + 1)]
-    levels, checkpointed = next((p for p in plans if need(*p) <= free), plans[-1])
-    if need(levels, checkpointed) <= free:
-        log(f"activations of {tokens} tokens need ~{need(levels, checkpointed) / 2**30:.1f} GiB "
-            f"({free / 2**30:.1f} GiB usable): up recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in "
-            f"{sum(lv == 2 for lv in levels)}, {len(checkpointed)} of {n} layers checkpointed")
+    widths, unit = config_widths(model.config), model.config.hidden_size * elt * tokens
+    levels, checkpointed = choose_recompute(n, widths, unit, free)
+    need = lean_activation_bytes(widths, unit, levels, checkpointed)
+    if need <= free:
+        log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB ({free / 2**30:.1f} GiB usable): up "
+            f"recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in {sum(lv == 2 for lv in levels)}, "
+            f"{len(checkpointed)} of {n} layers checkpointed")
     return levels, len(checkpointed)
 
 

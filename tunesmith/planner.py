@@ -2,7 +2,8 @@
 
     weights        base parameters (bf16, or 4/8-bit with QLoRA; a per-GPU shard with --fsdp)
     adapter        LoRA weights, gradients and AdamW's two moments, all float32 (16 bytes a parameter)
-    activations    what backward needs, per token and layer (fast.activation_bytes: measured widths)
+    activations    what backward needs, per token and layer (fast.activation_bytes: measured widths;
+                   on lean decoder layers fast.lean_activation_bytes, with sft's recompute plan)
     loss           one chunk of float32 logits and their gradient (fast.chunked_cross_entropy)
     context        CUDA context, kernels and library workspaces, outside PyTorch's allocator
 
@@ -40,6 +41,7 @@ class Shape:
     vocab: int
     tied: bool
     qkv_bias: bool
+    model_type: str = ""
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each projection in one decoder layer."""
@@ -76,7 +78,8 @@ def read_shape(model_path: Path) -> Shape:
         return Shape(hidden=hidden, intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"], heads=heads,
                      kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or hidden // heads,
                      vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
-                     qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)))
+                     qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+                     model_type=cfg.get("model_type", ""))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot plan memory for this model ({type(e).__name__}: {e})") from None
 
@@ -96,6 +99,7 @@ class Settings:
     elt: int = 2  # bytes per weight/activation element (bf16)
     liger: bool = True
     lean: bool = True  # lean LoRA (lean_lora.py): no stored dropout copies, SwiGLU product recomputed
+    lean_layers: bool = False  # lean decoder layers (lean_layer.py): llama/qwen2-style layers, all-linear LoRA
 
 
 def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
@@ -121,12 +125,24 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
         adapter = adapter / s.world
     loss = loss_bytes(shape.vocab, shape.hidden, s.loss_tokens, s.elt)
     checkpointed = s.checkpointed
-    if checkpointed is None:  # as sft plans it once the weights are on the GPU (fast.plan_checkpointing)
+    if s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (fast.plan_memory)
+        widths = fast.lean_layer_widths(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim)
+        unit = shape.hidden * s.elt * s.tokens
+        if checkpointed is None:
+            free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
+            levels, chosen = fast.choose_recompute(shape.layers, widths, unit, 0.85 * (free - loss))
+        else:  # checkpointing asked for: the first `checkpointed` layers as spread by fast.checkpoint_layers
+            chosen = {round(i * shape.layers / checkpointed) for i in range(checkpointed)} if checkpointed else set()
+            levels = [2 if chosen else 0] * shape.layers
+        activations = fast.lean_activation_bytes(widths, unit, levels, chosen)
+        checkpointed = len(chosen)
+    elif checkpointed is None:  # as sft plans it once the weights are on the GPU (fast.plan_checkpointing)
         free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
         checkpointed = fast.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean,
                                                 0.85 * (free - loss), bool(s.quant_bits))
-    activations = fast.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean,
-                                        bool(s.quant_bits))
+    if not (s.lean_layers and not s.quant_bits):
+        activations = fast.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean,
+                                            bool(s.quant_bits))
     allocated = weights + adapter + activations + loss
     total = allocated * ALLOCATOR_SLACK + CONTEXT
     return {"weights": weights, "adapter": adapter, "activations": activations, "loss": loss, "allocated": allocated,
@@ -153,7 +169,16 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
                     fsdp=bool(args.fsdp) and world > 1, lora_rank=args.lora_rank, targets=tuple(args.target_modules),
                     elt=4 if str(args.torch_dtype) in ("float32", "fp32") else 2,
                     liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None,
-                    lean=args.lean_lora and not args.quant_method)  # lean LoRA needs a plain (unquantized) base
+                    lean=args.lean_lora and not args.quant_method,  # lean LoRA needs a plain (unquantized) base
+                    lean_layers=lean_layers_apply(args, shape.model_type))
+
+
+def lean_layers_apply(args, model_type: str) -> bool:
+    """Whether `sft` ARGS run a model of this type on lean decoder layers (train.prepare_model decides the same)."""
+    from .lean_layer import ARCHITECTURES
+
+    return bool(args.lean_lora and args.packing_window and not args.quant_method
+                and list(args.target_modules) == ["all-linear"] and model_type in ARCHITECTURES)
 
 
 def _with(s: Settings, **changes) -> Settings:
@@ -208,7 +233,8 @@ def dry_run(args, world: int = 1) -> int:
     quant = f", base in {base.quant_bits} bits (bitsandbytes)" if base.quant_bits else ""
     gpus = f", {world} GPUs {'sharded (FSDP2)' if base.fsdp else 'data parallel'}" if world > 1 else ""
     print(f"memory plan for {Path(path).name}: {shape.params / 1e9:.2f} B parameters, {shape.layers} layers, "
-          f"{'bf16' if base.elt == 2 else 'float32'}{quant}{gpus}{', Liger kernels' if base.liger else ''}; "
+          f"{'bf16' if base.elt == 2 else 'float32'}{quant}{gpus}"
+          f"{', lean decoder layers' if base.lean_layers else ', Liger kernels' if base.liger else ''}; "
           f"LoRA r={args.lora_rank} on {' '.join(args.target_modules)}: {est[0]['lora_params'] / 1e6:.1f} M trainable; "
           f"{tokens}-token forward passes (--max_length {args.max_length} x batch {args.per_device_train_batch_size})")
     rows = [("weights", "weights"), ("LoRA + gradients + AdamW", "adapter"), ("activations", "activations"),

@@ -155,7 +155,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
     if args.packing_window:
         fast.use_document_attention(model)
         notes.append("packed windows with per-sample attention")
-    lean_layers = args.lean_lora and args.packing_window and args.target_modules == ["all-linear"] and all(
+    lean_layers = planner.lean_layers_apply(args, getattr(model.config, "model_type", "")) and all(
         lean_layer.supported(layer) for layer in fast.decoder_layers(model))
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = fast.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
