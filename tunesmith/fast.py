@@ -240,6 +240,15 @@ def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: 
     return next(fits, layers)
 
 
+def usable_for_activations(model, reserve: int = 0, budget: int | None = None) -> float:
+    """GPU bytes left for activations: `budget` in all less what is allocated now, else 85% of what is free,
+    less `reserve` (the loss) and the adapter's gradients and AdamW states (12 bytes a trainable parameter)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if budget is None:
+        return (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
+    return budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
+
+
 def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = False, reserve: int = 0,
                        budget: int | None = None) -> float:
     """The smallest share of layers to checkpoint so that the activations of the largest forward
@@ -253,11 +262,7 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     cfg = model.config
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     elt = next(model.parameters()).element_size()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if budget is None:
-        free = (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
-    else:
-        free = budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
+    free = usable_for_activations(model, reserve, budget)
     quantized = bool(getattr(cfg, "quantization_config", None))
     k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free, quantized)
     need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized)
@@ -315,11 +320,7 @@ def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None 
     if not tokens or not torch.cuda.is_available():
         return [0] * n, 0
     elt = next(model.parameters()).element_size()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if budget is None:
-        free = (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
-    else:
-        free = budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
+    free = usable_for_activations(model, reserve, budget)
     widths, unit = config_widths(model.config), model.config.hidden_size * elt * tokens
     levels, checkpointed = choose_recompute(n, widths, unit, free)
     need = lean_activation_bytes(widths, unit, levels, checkpointed)
