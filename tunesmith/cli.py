@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][1])
         return module.run(args) or 0
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one line is enough
+        from .models import first_process
+
+        if first_process():  # under torchrun every rank fails alike; one line is enough
             print(f"tunesmith {command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

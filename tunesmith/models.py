@@ -54,10 +54,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNESMITH_HOME", Path.home() / ".cache" / "tunesmith"))
 
 
+def first_process() -> bool:
+    """This is the only process, or rank 0 of several (torchrun): the one that speaks for all."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") != "0":  # several processes (torchrun): the first one speaks for all
-        return
-    print(f"[tunesmith] {msg}", file=sys.stderr, flush=True)
+    if first_process():
+        print(f"[tunesmith] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

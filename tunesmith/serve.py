@@ -204,19 +204,19 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(request: Request):
-        req = await _parse(request, ChatRequest)
+        req = await parse_request(request, ChatRequest)
         model = _served(engine, req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         _precheck(engine, "".join(m["content"] for m in messages))
         ids = engine.template(model).encode_prompt(messages)
-        job = _job(engine, req, ids, req.max_completion_tokens or req.max_tokens, strip=True)
+        job = generation_job(engine, req, ids, req.max_completion_tokens or req.max_tokens, strip=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model}
         if req.stream:
             def chunk(delta=None, finish=None, usage=None):
                 choices = [] if usage else [{"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}]
                 return {**head, "object": "chat.completion.chunk", "choices": choices, **({"usage": usage} if usage else {})}
-            return StreamingResponse(_sse(engine, model, ids, job, req, chunk, lambda piece: {"content": piece},
+            return StreamingResponse(sse_stream(engine, model, ids, job, req, chunk, lambda piece: {"content": piece},
                                           first={"role": "assistant", "content": ""}), media_type="text/event-stream")
         gen = await _generate(request, engine, model, ids, job)
         return {**head, "object": "chat.completion", "usage": _usage(gen), "choices": [{
@@ -225,7 +225,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(request: Request):
-        req = await _parse(request, CompletionRequest)
+        req = await parse_request(request, CompletionRequest)
         model = _served(engine, req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
@@ -234,13 +234,13 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
         ids = engine.chat.tok(prompts[0], add_special_tokens=False)["input_ids"]
         if not ids:
             raise ApiError(400, "prompt: empty", param="prompt")
-        job = _job(engine, req, ids, req.max_tokens or 16, strip=False)  # OpenAI's default for completions: 16
+        job = generation_job(engine, req, ids, req.max_tokens or 16, strip=False)  # OpenAI's default for completions: 16
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model, "object": "text_completion"}
         if req.stream:
             def chunk(delta=None, finish=None, usage=None):
                 choices = [] if usage else [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]
                 return {**head, "choices": choices, **({"usage": usage} if usage else {})}
-            return StreamingResponse(_sse(engine, model, ids, job, req, chunk, lambda piece: piece, first=None),
+            return StreamingResponse(sse_stream(engine, model, ids, job, req, chunk, lambda piece: piece, first=None),
                                      media_type="text/event-stream")
         gen = await _generate(request, engine, model, ids, job)
         return {**head, "usage": _usage(gen),
@@ -252,7 +252,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
 STARTED = int(time.time())
 
 
-async def _parse(request: Request, cls):
+async def parse_request(request: Request, cls):
     """The JSON body as `cls`, whatever Content-Type the client sent (curl -d sends a form type). A body above
     MAX_BODY is refused by its Content-Length before reading, or as soon as a chunked one grows past it."""
     too_big = ApiError(413, f"the request body is larger than {MAX_BODY // 2**20} MiB", code="request_too_large")
@@ -303,7 +303,7 @@ def _precheck(engine: Engine, text: str) -> None:
             raise _too_long(engine, n)
 
 
-def _job(engine: Engine, req: Sampling, ids: list[int], max_tokens: int | None, strip: bool) -> dict:
+def generation_job(engine: Engine, req: Sampling, ids: list[int], max_tokens: int | None, strip: bool) -> dict:
     """Generation settings; refuses a request that cannot fit the model's context (as OpenAI does)."""
     room = engine.context - len(ids)
     if max_tokens is None:
@@ -334,7 +334,7 @@ async def _generate(request: Request, engine: Engine, model: str, ids: list[int]
         engine.release()
 
 
-def _sse(engine: Engine, model: str, ids: list[int], job: dict, req: Sampling, chunk, delta, first):
+def sse_stream(engine: Engine, model: str, ids: list[int], job: dict, req: Sampling, chunk, delta, first):
     """Server-sent events: generation runs in a thread and hands pieces to the event loop; a client that goes away
     stops it at the next token (or before it starts, if it still waits for the lock)."""
     engine.admit()

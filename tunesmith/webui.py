@@ -383,19 +383,19 @@ def build_app(args: WebUiArguments) -> FastAPI:
 
     @app.post("/api/chat")
     async def chat(request: Request):
-        req = await serve._parse(request, WebChatRequest)
+        req = await serve.parse_request(request, WebChatRequest)
         if req.model == "tuned" and not req.checkpoint:
             raise ApiError(400, "no checkpoint to chat with yet: train first, or pick one")
         engine = await run_in_threadpool(chats.engine_for, req.base_model or args.model, req.checkpoint)
         name = engine.base if req.model == "base" else "tuned"
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = engine.template(name).encode_prompt(messages)
-        job = serve._job(engine, req, ids, req.max_tokens, strip=True)
+        job = serve.generation_job(engine, req, ids, req.max_tokens, strip=True)
 
         def chunk(delta=None, finish=None, usage=None):
             return {"object": "chat.completion.chunk", "model": name,
                     "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
-        return StreamingResponse(serve._sse(engine, name, ids, job, req, chunk, lambda piece: {"content": piece},
+        return StreamingResponse(serve.sse_stream(engine, name, ids, job, req, chunk, lambda piece: {"content": piece},
                                             first={"role": "assistant", "content": ""}), media_type="text/event-stream")
 
     return app
