@@ -61,16 +61,19 @@ def varlen_attention(q, k, v, bounds, longest: int | None, scale=None):
             from .models import log
 
             log(f"flash attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
-    gqa = q.shape[1] != k.shape[1]
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, d]
+    return _per_sample_sdpa(q, k, v, bounds, scale)[0].transpose(0, 1)
+
+
+def _per_sample_sdpa(query, key, value, bounds, scale):
+    """SDPA, causal, on each sample's slice of [b, heads, T, d] tensors; [b, heads, T, d]."""
     edges = bounds.tolist()
-    qt, kt, vt = (t.transpose(0, 1) for t in (q, k, v))  # [heads, T, d]
     outs = [
-        F.scaled_dot_product_attention(qt[:, s:e], kt[:, s:e], vt[:, s:e], is_causal=True, scale=scale,
-                                       enable_gqa=gqa)
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                       scale=scale, enable_gqa=query.shape[1] != key.shape[1])
         for s, e in zip(edges[:-1], edges[1:])
     ]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.transpose(0, 1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -82,14 +85,7 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
     if query.shape[0] == 1:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
         return varlen_attention(q, k, v, bounds, kwargs.get("max_length_q"), scaling).unsqueeze(0), None
-    edges = bounds.tolist()
-    outs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-        for s, e in zip(edges[:-1], edges[1:])
-    ]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return _per_sample_sdpa(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
 
 
 def use_document_attention(model) -> None:

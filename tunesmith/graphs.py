@@ -5,8 +5,8 @@ A packed row (train.micro_batches) is copied into the static buffers of the grap
 the smallest captured length that holds it (a multiple of BUCKET tokens) and a number of sample
 slots (a power of two, at least 8): flash attention's grid is sized by the slots, so one graph for
 64 slots would run ~8x the attention blocks of a row of 7 samples. The spare tokens form one more
-sample with no loss, spare sample slots are empty (zero-length), spare loss slots have no target. The pass's dropout seed lives on
-the device (lean_lora.begin_forward), so every replay draws new masks.
+sample with no loss, spare sample slots are empty (zero-length), spare loss slots have no target.
+The pass's dropout seed lives on the device (lean_lora.begin_forward), so every replay draws new masks.
 
 Used only where it is safe: CUDA, lean LoRA on every projection, Triton available. Anything
 else, or a row with more samples than MAX_SAMPLES, runs eagerly.
@@ -33,12 +33,12 @@ def _pow2(n: int, least: int) -> int:
     return max(least, 1 << (max(1, n) - 1).bit_length())
 
 
-def shape_of(batch: dict) -> tuple[int, int, int]:
-    """(row length, sample slots, longest sample) of the graph that replays this packed row. (The
-    longest sample is taken as the row length: keying graphs on it too made too many graphs.)"""
+def shape_of(batch: dict) -> tuple[int, int]:
+    """(row length, sample slots) of the graph that replays this packed row. Its longest sample is
+    taken as the row length: keying graphs on the longest sample too made too many graphs."""
     length = bucket(batch["input_ids"].shape[1])
     slots = _pow2(len(batch["cu_seq_lens_q"]), 8)  # the samples and one more for the spare tokens
-    return length, slots, length
+    return length, slots
 
 
 class GraphedRows:
@@ -52,7 +52,7 @@ class GraphedRows:
         self.seen: dict[tuple, int] = {}
 
     def _static(self, shape: tuple, device) -> dict:
-        length, slots, longest = shape
+        length, slots = shape
         bounds = torch.full((slots + 1,), length, dtype=torch.int32, device=device)
         bounds[0] = 0
         return {
@@ -63,8 +63,8 @@ class GraphedRows:
             "loss_positions": torch.zeros(length, dtype=torch.long, device=device),
             "loss_targets": torch.full((length,), -100, dtype=torch.long, device=device),
             "attention_mask": None,
-            "max_length_q": longest,
-            "max_length_k": longest,
+            "max_length_q": length,
+            "max_length_k": length,
         }
 
     def _fill(self, static: dict, batch: dict) -> None:
@@ -125,7 +125,7 @@ class GraphedRows:
         if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES) for r in rows):
             return None
         shapes = [shape_of(r) for r in rows]
-        if max(length for length, _, _ in shapes) > MAX_TOKENS:
+        if max(length for length, _ in shapes) > MAX_TOKENS:
             return None
         for shape in shapes:
             self.seen[shape] = self.seen.get(shape, 0) + 1

@@ -155,8 +155,9 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
     if args.packing_window:
         fast.use_document_attention(model)
         notes.append("packed windows with per-sample attention")
+    layers = fast.decoder_layers(model)
     lean_layers = planner.lean_layers_apply(args, getattr(model.config, "model_type", "")) and all(
-        lean_layer.supported(layer) for layer in fast.decoder_layers(model))
+        lean_layer.supported(layer) for layer in layers)
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = fast.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
@@ -168,24 +169,23 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         lean = lean_lora.all_lean(model)
         lean_layers = lean_layers and lean_layer.use_lean_layers(model)
         notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
-        for layer in fast.decoder_layers(model):
-            layer._tunesmith_recompute = 0  # (until plan_memory below asks for more)
+    levels = [0] * len(layers)  # recompute levels of the lean layers (plan_memory's, where memory is short)
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
         reserve = planner.loss_bytes(model.config.vocab_size, model.config.hidden_size, longest_row or 0, 2)
         if not device.startswith("cuda"):
             share = 0.0
-        elif lean_layers and lean_layers == len(fast.decoder_layers(model)):
+        elif lean_layers and lean_layers == len(layers):
             levels, k = fast.plan_memory(model, longest_row, reserve=reserve, budget=memory_budget)
-            for layer, level in zip(fast.decoder_layers(model), levels):
-                layer._tunesmith_recompute = level
-            share = k / len(levels)
+            share = k / len(layers)
             if any(levels):
                 notes.append(f"up recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in "
                              f"{sum(lv == 2 for lv in levels)}")
         else:
             liger = any("Liger" in n for n in notes)
             share = fast.plan_checkpointing(model, longest_row, liger, lean, reserve=reserve, budget=memory_budget)
+    for layer, level in zip(layers, levels):
+        layer._tunesmith_recompute = level
     n = fast.checkpoint_layers(model, float(share), preserve_rng=not lean)
     notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
     log("fast path: " + ", ".join(notes))
