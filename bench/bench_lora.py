@@ -114,6 +114,15 @@ class Engine:
 
             assert usable(self.model, "cuda"), "CUDA graphs need lean LoRA and Triton"
             self.graphed = GraphedRows(self.model, lambda batch: loss_of(self.model, batch))
+            capture = self.graphed._capture
+
+            def logged(shape, *a, **k):  # what each capture adds to the memory the process holds
+                out = capture(shape, *a, **k)
+                print(f"  captured {shape}: {torch.cuda.memory_allocated() / GiB:.2f} GiB allocated, "
+                      f"{torch.cuda.memory_reserved() / GiB:.2f} reserved, peak so far "
+                      f"{torch.cuda.max_memory_reserved() / GiB:.2f}", flush=True)
+                return out
+            self.graphed._capture = logged
         self.args = args
         self.optimizer, self.scheduler = build_optimizer(self.model, args, 1000)
         self.model.train()

@@ -25,7 +25,7 @@ bench)
   grep -hE "^(hf|ts)|loss check|guide run|longest" $OUT/bench_*.log ;;
 cli)
   timeout 140 bash bench/gpu_guide.sh > $OUT/guide.log 2>&1; grep -E "^==|real|first optimizer|done in" $OUT/guide.log
-  timeout 300 bash bench/startup_profile.sh > $OUT/startup.log 2>&1; grep -E "==|read|first optimizer" $OUT/startup.log ;;
+  timeout 300 bash bench/startup_profile.sh > $OUT/startup.log 2>&1; grep -E "==|read|first optimizer|loaded|staged" $OUT/startup.log ;;
 *) echo "unknown part $part (bench cli)" ;;
 esac
 done

@@ -209,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             if code is not None:
                 return code
         if hasattr(args, "model") and command in ("sft", "infer") and os.environ.get("TUNESMITH_NO_PREFETCH") != "1":
-            from .models import prefetch
+            from . import preload
 
-            prefetch(args.model)  # overlaps reading the weights with the imports below
+            preload.prefetch(args.model)  # overlaps reading the weights with the imports below
+            if command == "sft" and not args.dry_run:
+                preload.stage(args)  # and, on a GPU, copying them there
         import importlib
 
         module = importlib.import_module(COMMANDS[command][1])

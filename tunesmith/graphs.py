@@ -88,6 +88,8 @@ class GraphedRows:
         self._fill(static, batch)
         saved = [p.grad for p in self.params]
         if self.pool is None:  # a warm-up pass on a side stream before the first capture, as capture wants
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the side stream cannot use the blocks cached by the eager passes
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

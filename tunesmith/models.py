@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import preload
 from .errors import UserError
 
 DEFAULT_MODEL = "qwen2.5-0.5b"
@@ -94,33 +95,6 @@ def resolve_model(name: str | None) -> ResolvedModel:
         f"--model {name}: no such folder or file here, not a built-in alias ({', '.join(DEFAULT_MODELS)}), "
         "and not a hub id like Qwen/Qwen2.5-7B-Instruct"
     )
-
-
-def prefetch(name: str | None) -> None:
-    """Start reading a local model's weight files into the page cache in the background, so the
-    disk works while Python imports torch and transformers. Needs (and imports) nothing heavy."""
-    import threading
-
-    name = name or DEFAULT_MODEL
-    folder = Path(name).expanduser()
-    if not (folder / "config.json").is_file():
-        alias = ALIASES.get(name.lower(), name.lower())
-        folder = cache_root() / "models" / alias
-        if alias not in DEFAULT_MODELS or not _is_complete(folder):
-            return
-    files = sorted(folder.glob("*.safetensors"))
-
-    def read_all():
-        buf = bytearray(1 << 24)
-        for f in files:
-            try:
-                with open(f, "rb", buffering=0) as fh:
-                    while fh.readinto(buf):
-                        pass
-            except OSError:
-                return
-
-    threading.Thread(target=read_all, name="tunesmith-prefetch", daemon=True).start()
 
 
 def download_from_hub(repo_id: str) -> Path:
@@ -345,17 +319,47 @@ def load_model(path: Path, dtype, device: str, quant_bits: int | None = None):
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
-    extra = {"quantization_config": quantization_config(quant_bits, dtype)} if quant_bits else {}
-    if device != "cpu" or quant_bits:  # straight from the files onto the GPU: no full copy in host memory
-        extra["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
-    except Exception as e:
-        raise UserError(f"cannot load the model from {path} ({str(e).splitlines()[0][:200]})") from None
+    model = None
+    staged = None if quant_bits else preload.take(path, dtype, device)
+    if staged is not None:  # the weights are on the GPU already (preload.stage)
+        model = from_tensors(path, staged, dtype, device)
+        del staged
+    how = "; its files were read onto the GPU during start-up" if model is not None else ""
+    if model is None:
+        extra = {"quantization_config": quantization_config(quant_bits, dtype)} if quant_bits else {}
+        if device != "cpu" or quant_bits:  # straight from the files onto the GPU: no full copy in host memory
+            extra["device_map"] = {"": device}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
+        except Exception as e:
+            raise UserError(f"cannot load the model from {path} ({str(e).splitlines()[0][:200]})") from None
     stored = f"{quant_bits}-bit {'nf4' if quant_bits == 4 else 'int8'}, computed in " if quant_bits else ""
     log(f"loaded {path.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {stored}"
-        f"{str(dtype).replace('torch.', '')}, {device}) in {time.time() - t0:.1f} s")
+        f"{str(dtype).replace('torch.', '')}, {device}) in {time.time() - t0:.1f} s{how}")
     return model
+
+
+def from_tensors(path: Path, tensors: dict, dtype, device: str):
+    """The model of folder `path` built around `tensors` (its files' tensors, already in `dtype` on `device`),
+    which become its weights without a copy; None if transformers cannot (load_model then reads the files)."""
+    from transformers import GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = load_config(path)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=tensors, dtype=dtype, attn_implementation="sdpa",
+            device_map={"": device})  # without it transformers would move the tensors to the CPU
+        if str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # transformers reserves the model's size up front for a load that needs none
+        model.config.name_or_path = model.name_or_path = str(path)  # as from_pretrained(path) sets them
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
+    except Exception:
+        return None
 
 
 def quantization_config(bits: int, dtype):

@@ -285,9 +285,13 @@ def check_fits(args, model_path: Path, longest_row: int, device: str, world: int
     Conservative in one way only: every token of the longest forward pass is counted as an answer token."""
     if not device.startswith("cuda"):
         return
+    from . import preload
+
+    staged = preload.staged_bytes()  # weights already copied to the GPU count as free: they are the model's
     card = detected_card()
     if card is None:
         return
+    card = (card[0], card[1], card[2] + staged)
     shape = read_shape(model_path)
     s = settings_for(args, shape, longest_row, world)
     est = estimate(shape, s, card[2])

@@ -1,0 +1,53 @@
+"""Start-up staging (preload.py): the weights read piece by piece into their own tensors, and a model built
+around them, are the files' weights and the usual model. On a GPU `sft` does this while it imports; the
+reading and the building are the same code on the CPU, checked here."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith import preload
+from tunesmith.models import from_tensors, load_model
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two safetensors files, with tensors whose sizes leave later ones off any 16-byte boundary."""
+    folder = tmp_path_factory.mktemp("shards")
+    g = torch.Generator().manual_seed(0)
+    first = {"a": torch.randn(300, 70, generator=g).bfloat16(), "odd": torch.randn(7, generator=g).bfloat16(),
+             "scalar": torch.tensor(3.5).bfloat16(), "b": torch.randn(5, 3, 11, generator=g).bfloat16()}
+    second = {"c": torch.randn(2049, generator=g).bfloat16(), "empty": torch.zeros(0, 4).bfloat16()}
+    save_file(first, folder / "model-00001-of-00002.safetensors")
+    save_file(second, folder / "model-00002-of-00002.safetensors")
+    return sorted(folder.glob("*.safetensors")), {**first, **second}
+
+
+@pytest.mark.parametrize("chunk", [1000, 64 << 20])
+def test_read_into_gives_the_files_tensors(shards, chunk, monkeypatch):
+    files, expected = shards
+    monkeypatch.setattr(preload, "CHUNK", chunk)  # 1000 bytes: tensors span several pieces, pieces several tensors
+    got = preload.read_into(files, "cpu", torch.bfloat16)
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+
+
+def test_files_of_another_dtype_are_not_staged(shards):
+    files, _ = shards
+    assert preload.read_into(files, "cpu", torch.float16) is None  # load_model converts those itself
+
+
+def test_model_built_around_staged_tensors_is_the_usual_model(default_model):
+    files = sorted(default_model.glob("*.safetensors"))
+    tensors = preload.read_into(files, "cpu", torch.float32)
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for f in files for k, v in load_file(f).items()}
+    staged = {t.data_ptr() for t in tensors.values()}
+    model = from_tensors(default_model, tensors, torch.float32, "cpu")
+    assert all(p.data_ptr() in staged for p in model.parameters())  # the weights are those tensors: no copy
+    usual = load_model(default_model, torch.float32, "cpu")
+    assert model.name_or_path == usual.name_or_path == str(default_model)
+    assert model.generation_config.eos_token_id == usual.generation_config.eos_token_id
+    ids = torch.tensor([[9707, 11, 1879, 0, 151644, 872]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, usual(ids).logits)
