@@ -77,3 +77,5 @@ def test_bad_process_count_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("tunesmith sft: error: NPROC_PER_NODE=two: expected the number of processes "
                                    "(GPUs) per node, e.g. 2")
+    plan = tunesmith("sft", *COMMON, "--dry_run", "true", check=False, env_extra={"NNODES": "0", "NPROC_PER_NODE": "2"})
+    assert (plan.returncode, plan.stderr.strip()) == (2, "tunesmith sft: error: NNODES=0: expected the number of nodes, e.g. 2")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -28,19 +27,28 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def requested_world() -> int:
+    """Processes asked for in all: NPROC_PER_NODE x NNODES (1 where unset)."""
+    counts = []
+    for name in ("NPROC_PER_NODE", "NNODES"):
+        value = os.environ.get(name, "").strip() or "1"
+        if not value.isdigit() or int(value) < 1:
+            what = "processes (GPUs) per node" if name == "NPROC_PER_NODE" else "nodes"
+            raise UserError(f"{name}={value}: expected the number of {what}, e.g. 2")
+        counts.append(int(value))
+    return counts[0] * counts[1]
+
+
 def relaunch(argv: list[str]) -> int | None:
     """NPROC_PER_NODE=N (N > 1, or NNODES > 1): run this command again under torchrun, N processes on
     this node, and return their exit code. None when nothing was asked for, or already launched."""
     if launched():
         return None
-    nproc = os.environ.get("NPROC_PER_NODE", "").strip()
-    if not nproc:
+    if not os.environ.get("NPROC_PER_NODE", "").strip():
         return None
-    if not nproc.isdigit() or int(nproc) < 1:
-        raise UserError(f"NPROC_PER_NODE={nproc}: expected the number of processes (GPUs) per node, e.g. 2")
-    nnodes = int(os.environ.get("NNODES", "1") or 1)
-    if int(nproc) == 1 and nnodes == 1:
+    if requested_world() == 1:
         return None
+    nnodes = int(os.environ.get("NNODES", "1").strip() or 1)
     if nnodes > 1 and not os.environ.get("MASTER_ADDR"):
         raise UserError("NNODES > 1: set MASTER_ADDR (and MASTER_PORT) to the address of the machine with NODE_RANK=0")
     flags = []

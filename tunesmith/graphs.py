@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import next_pow2
+
 BUCKET = 256
 MAX_SAMPLES = 64
 CAPTURE_AFTER = 3  # rows run eagerly this often before the first capture: short runs pay no capture. Later
@@ -29,15 +31,11 @@ def bucket(tokens: int) -> int:
     return -(-tokens // BUCKET) * BUCKET
 
 
-def _pow2(n: int, least: int) -> int:
-    return max(least, 1 << (max(1, n) - 1).bit_length())
-
-
 def shape_of(batch: dict) -> tuple[int, int]:
     """(row length, sample slots) of the graph that replays this packed row. Its longest sample is
     taken as the row length: keying graphs on the longest sample too made too many graphs."""
     length = bucket(batch["input_ids"].shape[1])
-    slots = _pow2(len(batch["cu_seq_lens_q"]), 8)  # the samples and one more for the spare tokens
+    slots = max(8, next_pow2(len(batch["cu_seq_lens_q"])))  # the samples and one more for the spare tokens
     return length, slots
 
 

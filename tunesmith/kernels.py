@@ -138,12 +138,12 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_c: torch.Tensor):
     return gate, up
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
 def _rank_pad(r: int) -> int:
-    return max(16, _pow2(r))  # tl.dot wants every dimension >= 16
+    return max(16, next_pow2(r))  # tl.dot wants every dimension >= 16
 
 
 def _launch_seed(p: float, seed, like):
@@ -225,7 +225,7 @@ def rms_norm(x, w, eps: float):
     T, N = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(T, dtype=torch.float32, device=x.device)
-    _lora_kernels()[4][(T,)](x, w, y, rstd, N, eps, BLOCK=_pow2(N))
+    _lora_kernels()[4][(T,)](x, w, y, rstd, N, eps, BLOCK=next_pow2(N))
     return y, rstd
 
 
@@ -234,7 +234,7 @@ def rms_norm_backward(dy, x, w, rstd):
 
     T, N = x.shape
     dx = torch.empty_like(x)
-    _lora_kernels()[5][(T,)](dy.contiguous(), x, w, rstd, dx, N, BLOCK=_pow2(N))
+    _lora_kernels()[5][(T,)](dy.contiguous(), x, w, rstd, dx, N, BLOCK=next_pow2(N))
     return dx
 
 
@@ -244,6 +244,6 @@ def rope(x, cos, sin, backward: bool = False):
 
     T, H, D = x.shape
     out = torch.empty_like(x)
-    _lora_kernels()[6][(T,)](x.contiguous(), cos.contiguous(), sin.contiguous(), out, H, D=D, HB=_pow2(H),
+    _lora_kernels()[6][(T,)](x.contiguous(), cos.contiguous(), sin.contiguous(), out, H, D=D, HB=next_pow2(H),
                              BACKWARD=backward)
     return out

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast, kernels
-from .lean_lora import _is_lora_linear, _keep_mask, _parts, _seed
+from .lean_lora import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
 ARCHITECTURES = ("qwen2", "llama", "mistral")
@@ -62,8 +62,8 @@ def lora_a(x, a, g: Group):
     if g.p == 0:
         return x @ a.reshape(P * R, K).to(x.dtype).t()
     if _triton(x):
-        return kernels.lora_a(x, a, g.p, _seed(x, g.offset), STEP)
-    return torch.cat([(x * _keep_mask(x, g.p, _seed(x, g.offset + i * STEP))) @ a[i].to(x.dtype).t()
+        return kernels.lora_a(x, a, g.p, pass_seed(x, g.offset), STEP)
+    return torch.cat([(x * keep_mask(x, g.p, pass_seed(x, g.offset + i * STEP))) @ a[i].to(x.dtype).t()
                       for i in range(P)], 1)
 
 
@@ -74,8 +74,8 @@ def lora_a_grad(x, gb, P: int, g: Group):
     if g.p == 0:
         return (gb.t() @ x).float().view(P, R, K)
     if _triton(x):
-        return kernels.lora_a_grad(x, gb, P, g.p, _seed(x, g.offset), STEP)
-    return torch.stack([(gb[:, i * R:(i + 1) * R].t() @ (x * _keep_mask(x, g.p, _seed(x, g.offset + i * STEP)))).float()
+        return kernels.lora_a_grad(x, gb, P, g.p, pass_seed(x, g.offset), STEP)
+    return torch.stack([(gb[:, i * R:(i + 1) * R].t() @ (x * keep_mask(x, g.p, pass_seed(x, g.offset + i * STEP)))).float()
                         for i in range(P)])
 
 
@@ -85,9 +85,9 @@ def lora_dx_add(dx, gb, a, g: Group):
     if g.p == 0:
         return dx.addmm_(gb, a.reshape(P * R, K).to(dx.dtype))
     if _triton(dx):
-        return kernels.lora_dx_add(dx, gb, a, g.p, _seed(dx, g.offset), STEP)
+        return kernels.lora_dx_add(dx, gb, a, g.p, pass_seed(dx, g.offset), STEP)
     for i in range(P):
-        dx.add_((gb[:, i * R:(i + 1) * R] @ a[i].to(dx.dtype)) * _keep_mask(dx, g.p, _seed(dx, g.offset + i * STEP)))
+        dx.add_((gb[:, i * R:(i + 1) * R] @ a[i].to(dx.dtype)) * keep_mask(dx, g.p, pass_seed(dx, g.offset + i * STEP)))
     return dx
 
 
@@ -271,7 +271,7 @@ class Rope(torch.autograd.Function):
 def _group(modules, eps: float = 1e-6):
     """(Group, flat params) of LoRA projections that share an input, or None (not all plain LoRA, or
     different ranks or dropout)."""
-    parts = [_parts(m) for m in modules]
+    parts = [lora_parts(m) for m in modules]
     if any(p is None for p in parts) or len({p[2].shape[0] for p in parts}) != 1 or len({p[5] for p in parts}) != 1:
         return None
     params = [t for (w, b, a, bb, _, _) in parts for t in (w, b, a, bb)]
@@ -328,7 +328,7 @@ def use_lean_layers(model) -> int:
         if not supported(layer) or hasattr(layer, "_tunesmith_plain_layer"):
             continue
         mods = [getattr(layer.self_attn, n) for n in PROJECTIONS[:4]] + [getattr(layer.mlp, n) for n in PROJECTIONS[4:]]
-        if not all(_is_lora_linear(m) and hasattr(m, "_tunesmith_seed") for m in mods):
+        if not all(is_lora_linear(m) and hasattr(m, "_tunesmith_seed") for m in mods):
             continue
         layer._tunesmith_plain_layer = layer.forward
         layer.forward = functools.partial(layer_forward, layer)

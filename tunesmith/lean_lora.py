@@ -32,7 +32,7 @@ from . import kernels
 _generators: dict[torch.device, torch.Generator] = {}
 
 
-def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The dropout mask for `seed`, scaled by 1/(1-p); the same tensor every time it is asked for."""
     gen = _generators.get(like.device)
     if gen is None:
@@ -60,7 +60,9 @@ def begin_forward(device) -> None:
         _forward_seed[device] = int(torch.randint(0, 2**30, (), dtype=torch.int64))
 
 
-def _seed(t: torch.Tensor, offset: int):
+def pass_seed(t: torch.Tensor, offset: int):
+    """The dropout seed of this pass for the projection at `offset`: (device seed, offset) for the Triton
+    kernels, an int for the torch path."""
     seed = _forward_seed.get(t.device)
     if _triton(t):
         if seed is None:
@@ -75,8 +77,8 @@ def _dropout(t: torch.Tensor, p: float, offset: int) -> torch.Tensor:
     if p == 0:
         return t
     if _triton(t):
-        return kernels.dropout(t, p, _seed(t, offset))
-    return t * _keep_mask(t, p, _seed(t, offset))
+        return kernels.dropout(t, p, pass_seed(t, offset))
+    return t * keep_mask(t, p, pass_seed(t, offset))
 
 
 def _add_dropout(out: torch.Tensor, t: torch.Tensor, p: float, offset: int) -> torch.Tensor:
@@ -84,8 +86,8 @@ def _add_dropout(out: torch.Tensor, t: torch.Tensor, p: float, offset: int) -> t
     if p == 0:
         return out.add_(t)
     if _triton(t):
-        return kernels.dropout(t, p, _seed(t, offset), add_to=out)
-    return out.add_(t * _keep_mask(t, p, _seed(t, offset)))
+        return kernels.dropout(t, p, pass_seed(t, offset), add_to=out)
+    return out.add_(t * keep_mask(t, p, pass_seed(t, offset)))
 
 
 def _lora_forward(x2, dropped, weight, bias, a, b, scale):
@@ -177,7 +179,7 @@ class SwigluLoraDown(torch.autograd.Function):
 def _swiglu(gate, up, p, seed):
     """(silu(gate) * up, the same after dropout)."""
     if _triton(gate):
-        c, dropped = kernels.swiglu(gate, up, p, _seed(gate, seed) if p > 0 else None)
+        c, dropped = kernels.swiglu(gate, up, p, pass_seed(gate, seed) if p > 0 else None)
         return c, (c if dropped is None else dropped)
     c = F.silu(gate) * up
     return c, _dropout(c, p, seed)
@@ -194,7 +196,7 @@ def _swiglu_backward(gate, up, grad_c):
     return grad_gate, grad_up
 
 
-def _parts(module):
+def lora_parts(module):
     """(weight, bias, A, B, scale, p) of a plain single-adapter LoRA Linear, or None."""
     if getattr(module, "disable_adapters", True) or getattr(module, "merged", True):
         return None
@@ -213,7 +215,7 @@ def _parts(module):
 
 
 def lora_linear(module, x):
-    parts = _parts(module)
+    parts = lora_parts(module)
     if parts is None:
         return module._tunesmith_peft_forward(x)
     weight, bias, a, b, scale, p = parts
@@ -224,20 +226,20 @@ def gated_mlp(mlp, x):
     if not _has_lora_projections(mlp):
         return mlp._tunesmith_plain_mlp(x)  # the adapter was unloaded
     gate, up = lora_linear(mlp.gate_proj, x), lora_linear(mlp.up_proj, x)
-    parts = _parts(mlp.down_proj)
+    parts = lora_parts(mlp.down_proj)
     if parts is None:
         return mlp.down_proj(mlp.act_fn(gate) * up)
     weight, bias, a, b, scale, p = parts
     return SwigluLoraDown.apply(gate, up, weight, bias, a, b, float(scale), p, mlp.down_proj._tunesmith_seed)
 
 
-def _is_lora_linear(module) -> bool:
+def is_lora_linear(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer") and type(module.base_layer) is torch.nn.Linear
 
 
 def _has_lora_projections(mlp) -> bool:
     """A gated MLP (gate_proj, up_proj, down_proj) whose three projections carry LoRA on nn.Linear."""
-    return all(_is_lora_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+    return all(is_lora_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def all_lean(model) -> bool:
@@ -250,7 +252,7 @@ def use_lean_lora(model) -> int:
     """Swap in the lean forwards; returns how many LoRA projections now use them."""
     count = 0
     for module in model.modules():
-        if _is_lora_linear(module) and not hasattr(module, "_tunesmith_peft_forward"):
+        if is_lora_linear(module) and not hasattr(module, "_tunesmith_peft_forward"):
             module._tunesmith_peft_forward = module.forward
             module._tunesmith_seed = (count + 1) * 65_537  # this projection's offset from the pass's seed
             module.forward = lambda x, *args, _m=module, **kwargs: (

@@ -14,7 +14,6 @@ and a gated MLP. Checked against measured peaks on an H100 (bench/gpu_scale.sh).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,7 +218,9 @@ def dry_run(args, world: int = 1) -> int:
     from .models import resolve_model
 
     if world == 1:
-        world = int(os.environ.get("NPROC_PER_NODE", "1") or 1) * int(os.environ.get("NNODES", "1") or 1)
+        from .distributed import requested_world
+
+        world = requested_world()
     path = resolve_model(args.model).path
     shape = read_shape(path)
     card = detected_card()
