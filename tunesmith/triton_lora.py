@@ -28,6 +28,17 @@ def keep(seed, rows, cols, K, threshold):
 
 
 @triton.jit
+def dropped_tile(x_ptr, rows, cols, row_end, col_end, K, seed, threshold, DROP: tl.constexpr):
+    """x[rows, cols] of a row-major [*, K] tensor, zero outside rows < row_end and cols < col_end, with the
+    dropout mask of `seed` applied when DROP."""
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                mask=(rows[:, None] < row_end) & (cols[None, :] < col_end), other=0.0)
+    if DROP:
+        x = tl.where(keep(seed, rows, cols, K, threshold), x, 0.0)
+    return x
+
+
+@triton.jit
 def lora_a_kernel(x_ptr, a_ptr, out_ptr, T, K, k_per_split, seed_ptr, offset, step, threshold, keep_scale,
                   R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr):
@@ -42,10 +53,7 @@ def lora_a_kernel(x_ptr, a_ptr, out_ptr, T, K, k_per_split, seed_ptr, offset, st
     end = tl.minimum(start + k_per_split, K)
     for k0 in range(start, end, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=(rows[:, None] < T) & (cols[None, :] < end),
-                    other=0.0)
-        if DROP:
-            x = tl.where(keep(seed, rows, cols, K, threshold), x, 0.0)
+        x = dropped_tile(x_ptr, rows, cols, T, end, K, seed, threshold, DROP)
         a = tl.load(a_ptr + (i * R + ranks[None, :]) * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < end),
                     other=0.0)
         acc += tl.dot(x, a.to(x.dtype))
@@ -68,10 +76,7 @@ def lora_a_grad_kernel(x_ptr, g_ptr, out_ptr, T, K, rows_per_split, seed_ptr, of
     end = tl.minimum(start + rows_per_split, T)
     for t0 in range(start, end, BT):
         rows = t0 + tl.arange(0, BT)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=(rows[:, None] < end) & (cols[None, :] < K),
-                    other=0.0)
-        if DROP:
-            x = tl.where(keep(seed, rows, cols, K, threshold), x, 0.0)
+        x = dropped_tile(x_ptr, rows, cols, end, K, K, seed, threshold, DROP)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * (P * R) + i * R + ranks[None, :],
                     mask=(rows[:, None] < end) & (ranks[None, :] < R), other=0.0)
         acc += tl.dot(tl.trans(g.to(x.dtype)), x)
