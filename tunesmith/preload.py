@@ -4,14 +4,16 @@ prefetch(): right after the command line is parsed, a thread reads the local mod
     files into the page cache (it needs nothing heavy, so it starts at once).
 stage(): for `sft` on one GPU, a second thread imports torch and copies the files' tensors straight
     into GPU memory, through two pinned buffers, while the main thread imports transformers,
-    tokenizes and plans (and a third imports Triton and our kernels). models.load_model() then builds the model around those tensors with
-    transformers' own from_pretrained(state_dict=...): no second read, no second copy.
+    tokenizes and plans (and a third imports Triton and our kernels). models.load_model() then
+    builds the model around those tensors with transformers' own from_pretrained(state_dict=...):
+    no second read, no second copy.
 Anything the stager cannot do (another dtype in the files, no room on the GPU, an error) leaves
 load_model() on its usual path: staging only ever saves time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -22,7 +24,7 @@ CHUNK = 64 << 20  # bytes per pinned staging buffer
 PIECE = 32 << 20  # bytes per read of a prefetch thread
 READERS = int(os.environ.get("TUNESMITH_PREFETCH_READERS", "4"))  # prefetch threads
 SPARE = 2 << 30  # GPU memory the staged weights must leave free
-DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # torch's name -> the safetensors header's
 _stager: Stager | None = None
 
 
@@ -156,7 +158,7 @@ def _device(name: str):
 def table(files: list[Path], dtype) -> tuple[list | None, int]:
     """The files' tensor tables and their bytes; None if some tensor is not of `dtype` (load_model converts those)."""
     tables = [read_header(f) for f in files]
-    want = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(dtype).replace("torch.", ""))
+    want = DTYPES.get(str(dtype).replace("torch.", ""))
     if any(t["dtype"] != want for h, _ in tables for t in h.values()):
         return None, 0
     return tables, sum(t["data_offsets"][1] - t["data_offsets"][0] for h, _ in tables for t in h.values())
@@ -183,12 +185,13 @@ def fill(files: list[Path], tables: list, tensors: dict) -> None:
     through two pinned buffers, so reading the next piece overlaps copying this one."""
     import torch
 
-    gpu = next(iter(tensors.values())).is_cuda if tensors else False
+    first = next(iter(tensors.values()), None)
+    gpu = first is not None and first.is_cuda
     buffers = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=gpu) for _ in range(2 if gpu else 1)]
-    stream = torch.cuda.Stream(next(iter(tensors.values())).device) if gpu else None
+    stream = torch.cuda.Stream(first.device) if gpu else None
     done = [None] * len(buffers)  # the event after which each buffer may be refilled
     k = 0
-    with torch.cuda.stream(stream) if gpu else _nothing():
+    with torch.cuda.stream(stream) if gpu else contextlib.nullcontext():
         for f, (header, start) in zip(files, tables):
             pieces = sorted((t["data_offsets"][0], t["data_offsets"][1], name) for name, t in header.items())
             end = pieces[-1][1] if pieces else 0
@@ -216,14 +219,6 @@ def fill(files: list[Path], tables: list, tensors: dict) -> None:
                     k += 1
     if gpu:
         stream.synchronize()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _read_exactly(fh, view: memoryview, path: Path) -> None:
