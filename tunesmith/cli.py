@@ -18,6 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
+from . import quiet
 from .errors import UserError
 
 COMMANDS = {
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Training allocates tensors of many sizes; growable segments keep the CUDA cache from fragmenting.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    quiet.silence()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: tunesmith {" + ",".join(COMMANDS) + "} [config.yaml] [--flag value ...]\n")
         for name, (_, _, desc) in COMMANDS.items():

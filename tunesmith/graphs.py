@@ -14,16 +14,23 @@ else, or a row with more samples than MAX_SAMPLES, runs eagerly.
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 
+from . import lean_lora
 from .kernels import next_pow2
+from .models import log
 
 BUCKET = 256
 MAX_SAMPLES = 64
-CAPTURE_AFTER = 3  # rows run eagerly this often before the first capture: short runs pay no capture. Later
-# shapes are captured at first sight, into the same memory pool: eager passes beside the pool would hold
-# a second set of activations in the allocator's cache
 MAX_TOKENS = 16384  # longer rows keep the GPU busy on their own, and a second memory pool would not fit
+MIN_STEPS_LEFT = 40  # graphs start only in a run with this many optimizer steps still to come: a shorter
+# run cannot win back the warm-up pass and the captures (the guide's 10 steps stay eager). Then each row
+# shape is captured at first sight, into one memory pool: eager passes beside the pool would hold a second
+# set of activations in the allocator's cache
+MAX_FAILURES = 3  # captures that fail before graphs are turned off for the run
 
 
 def bucket(tokens: int) -> int:
@@ -47,7 +54,10 @@ class GraphedRows:
         self.graphs: dict[tuple, tuple] = {}  # shape_of(row) -> (graph, static batch, loss, grads)
         self.pool = None
         self.broken = False
-        self.seen: dict[tuple, int] = {}
+        self.warned = False
+        self.failed: set = set()  # shapes whose capture failed: they run eagerly from then on
+        self.capture_seconds = 0.0
+        self.replays = 0
 
     def _static(self, shape: tuple, device) -> dict:
         length, slots = shape
@@ -84,7 +94,8 @@ class GraphedRows:
     def _capture(self, shape: tuple, batch: dict):
         static = self._static(shape, batch["input_ids"].device)
         self._fill(static, batch)
-        saved = [p.grad for p in self.params]
+        seed = lean_lora.seed_state(batch["input_ids"].device)
+        seed_before = seed.clone() if seed is not None else None
         if self.pool is None:  # a warm-up pass on a side stream before the first capture, as capture wants
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the side stream cannot use the blocks cached by the eager passes
@@ -99,15 +110,24 @@ class GraphedRows:
             p.grad = None  # backward inside the capture makes the gradients, in the graph's memory
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's blocks go back to the device before the graph takes its own
+        t = time.time()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss = self.loss_fn(static)
-            loss.backward()
-        self.pool = graph.pool()
-        grads = [p.grad for p in self.params]
-        for p, g in zip(self.params, saved):
-            p.grad = g
-        return graph, static, loss, grads
+        pool = self.pool if self.pool is not None else torch.cuda.graph_pool_handle()  # (known, to undo a failure)
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                loss = self.loss_fn(static)
+                fault_hook(static)
+                loss.backward()
+        except BaseException:
+            _abandon(pool, shared=self.pool is not None)
+            raise
+        self.pool = pool
+        self.capture_seconds += time.time() - t
+        if seed is not None:  # the warm-up drew a seed an eager run would not have drawn: put it back
+            seed.copy_(seed_before)
+        # detached: a loss that keeps its autograd graph keeps the parameters' AccumulateGrad nodes, and
+        # their stream, alive into later passes (the stream mismatch that broke capture)
+        return graph, static, loss.detach(), [p.grad for p in self.params]
 
     def row(self, batch: dict):
         """(summed loss, gradients) of one packed row (window() has checked that it fits a graph)."""
@@ -119,18 +139,22 @@ class GraphedRows:
         graph.replay()
         return loss, grads
 
-    def window(self, rows: list[dict], scale: float):
+    def window(self, rows: list[dict], scale: float, steps_left: int = MIN_STEPS_LEFT):
         """Loss (times scale) of a window of rows; leaves the window's gradient (times scale) in .grad.
-        Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly."""
+        Returns None (nothing done) when some row cannot be replayed: the caller runs it eagerly.
+        `steps_left`: optimizer steps still to come; a run too short to pay for a capture stays eager."""
         if self.broken or any(len(r.get("cu_seq_lens_q", ())) - 1 not in range(1, MAX_SAMPLES) for r in rows):
             return None
         shapes = [shape_of(r) for r in rows]
-        if max(length for length, _ in shapes) > MAX_TOKENS:
+        if max(length for length, _ in shapes) > MAX_TOKENS or any(s in self.failed for s in shapes):
             return None
-        for shape in shapes:
-            self.seen[shape] = self.seen.get(shape, 0) + 1
-        if not self.graphs and any(self.seen[shape] <= CAPTURE_AFTER for shape in shapes):
+        new = [s for s in shapes if s not in self.graphs]
+        if new and steps_left < MIN_STEPS_LEFT:
             return None
+        saved = [p.grad for p in self.params]
+        device = rows[0]["input_ids"].device
+        seed = lean_lora.seed_state(device)
+        seed_before = seed.clone() if seed is not None else None
         try:
             if len(rows) == 1:
                 total, acc = self.row(rows[0])
@@ -144,17 +168,71 @@ class GraphedRows:
                         total += loss
                         torch._foreach_add_(acc, grads)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a kernel that cannot be captured, or no room
-            from .models import log
-
-            self.broken = True
-            log(f"CUDA graphs off ({str(e).splitlines()[0][:120]}); running eagerly")
-            for p in self.params:
-                p.grad = None
+            self._recover(e, [s for s in new if s not in self.graphs], saved, seed, seed_before)
             return None
+        self.replays += 1
         torch._foreach_mul_(acc, scale)
         for p, g in zip(self.params, acc):
             p.grad = g
         return total * scale
+
+    def _recover(self, error, shapes, saved, seed, seed_before) -> None:
+        """Leave the process as it was before the failed capture: no capture in progress, the caller's
+        gradients and dropout seed back, the failed graph's memory returned. Its shapes stay eager."""
+        torch.cuda.synchronize()  # (raises if the device itself failed: then there is nothing to go on with)
+        for p, g in zip(self.params, saved):
+            p.grad = g
+        if seed is not None:
+            seed.copy_(seed_before)
+        self.failed.update(shapes or ["?"])
+        if not self.graphs:
+            self.pool = None  # nothing captured lives in it: the next capture starts afresh, with its warm-up
+        torch.cuda.empty_cache()
+        if len(self.failed) >= MAX_FAILURES:
+            self.broken = True
+        if not self.warned:
+            self.warned = True
+            what = ", ".join(f"{length} tokens" for length, _ in shapes) or "a row"
+            log(f"CUDA graph capture failed for rows of {what} ({str(error).splitlines()[0][:120]}); "
+                "those rows run eagerly" + (", and so will all" if self.broken else ""))
+
+
+    def report(self) -> str:
+        return (f"CUDA graphs: {len(self.graphs)} row shapes captured in {self.capture_seconds:.1f} s, "
+                f"{self.replays} windows replayed")
+
+
+def _abandon(pool, shared: bool) -> None:
+    """After a failed capture: torch's capture_end raised before telling the allocator that the capture
+    ended, so the allocator still routes into the graph's pool. Stop that, and give a pool that no
+    captured graph uses back to the allocator (its blocks return once their tensors are gone)."""
+    device = torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):
+        end = getattr(torch._C, name, None)
+        if end is not None:
+            try:
+                end(device, pool)
+            except RuntimeError:  # already ended (the capture itself finished)
+                pass
+            break
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if not shared and release is not None:
+        try:
+            release(device, pool)
+        except RuntimeError:
+            pass
+
+
+def fault_hook(static: dict) -> None:
+    """Test hook (TUNESMITH_FAULT_CAPTURE=N): the Nth capture meets an operation that cannot be captured (a
+    host sync), as a kernel that cannot be captured would, so tests can check the fallback."""
+    global _captures
+    _captures += 1
+    if str(_captures) in os.environ.get("TUNESMITH_FAULT_CAPTURE", "").split(","):
+        static["input_ids"].sum().item()
+
+
+_captures = 0
 
 
 def usable(model, device) -> bool:

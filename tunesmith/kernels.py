@@ -45,7 +45,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "offset"])  # (see triton_lora.py)
     def dropout_kernel(x_ptr, out_ptr, add_ptr, n, seed_ptr, offset, p, scale, HAS_ADD: tl.constexpr,
                        BLOCK: tl.constexpr):
         seed = tl.load(seed_ptr) + offset
@@ -57,7 +57,7 @@ def _kernels():
             y += tl.load(add_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "offset"])  # (see triton_lora.py)
     def swiglu_kernel(g_ptr, u_ptr, c_ptr, d_ptr, n, seed_ptr, offset, p, scale, DROP: tl.constexpr,
                       BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -71,7 +71,7 @@ def _kernels():
             d = tl.where(tl.rand(seed, offs) > p, c * scale, 0.0)
             tl.store(d_ptr + offs, d.to(d_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])  # (see triton_lora.py)
     def swiglu_backward_kernel(g_ptr, u_ptr, dc_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n

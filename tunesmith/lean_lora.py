@@ -46,6 +46,12 @@ def _triton(t: torch.Tensor) -> bool:
 
 
 _forward_seed: dict = {}  # device -> int (torch path) or int64 tensor of one element (Triton path)
+# On CUDA the pass seed walks a Weyl sequence on the device (an odd step, modulo 2^31): no host sync, a new
+# value on each CUDA graph replay, and no use of torch's CUDA generator, whose state a failed graph capture
+# leaves half-registered ("Offset increment outside graph capture"). The kernels hash the seed, so
+# neighbouring values give unrelated masks; its start comes from the CPU generator (--seed).
+SEED_STEP = 0x1E3779B1
+SEED_MOD = 2**31
 
 
 def begin_forward(device) -> None:
@@ -54,10 +60,17 @@ def begin_forward(device) -> None:
     if device.type == "cuda" and kernels.available():
         seed = _forward_seed.get(device)
         if seed is None:
-            seed = _forward_seed[device] = torch.zeros(1, dtype=torch.int64, device=device)
-        seed.random_(0, 2**30)  # on the device: no host sync, and a new draw on each graph replay
+            seed = _forward_seed[device] = torch.randint(0, SEED_MOD, (1,), dtype=torch.int64).to(device)
+        seed.add_(SEED_STEP).remainder_(SEED_MOD)
     else:
         _forward_seed[device] = int(torch.randint(0, 2**30, (), dtype=torch.int64))
+
+
+def seed_state(device):
+    """The device seed tensor (None before the first pass or off the Triton path): graphs.py saves and puts
+    it back around a capture, so a captured run draws the masks an eager run draws."""
+    seed = _forward_seed.get(torch.device(device))
+    return seed if isinstance(seed, torch.Tensor) else None
 
 
 def pass_seed(t: torch.Tensor, offset: int):

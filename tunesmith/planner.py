@@ -297,6 +297,10 @@ def check_fits(args, model_path: Path, longest_row: int, device: str, world: int
     s = settings_for(args, shape, longest_row, world)
     est = estimate(shape, s, card[2])
     if est["total"] <= card[2]:
+        from .models import log
+
+        log(f"memory plan: ~{_gib(est['total'])} GiB per GPU at most ({longest_row}-token forward passes; "
+            f"{card[0]} has {_gib(card[2])} GiB free)")
         return
     raise UserError(
         f"this run needs ~{_gib(est['total'])} GiB per GPU ({longest_row}-token forward passes; weights "

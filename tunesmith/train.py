@@ -118,6 +118,8 @@ def run(args: SftArguments) -> int:
         log(f"stopped after step {last['step']} of {plan['max_steps']}; checkpoint: {last['checkpoint']}")
         log(f"continue with: {resume.resume_command(last['checkpoint'])}")
         return last["stopped_by"]
+    if graphed and graphed.graphs:
+        log(graphed.report())
     log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
     if par.main:
         print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
@@ -285,16 +287,11 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
             samples = [train_set[i] for i in mine]
 
             micros = list(micro_batches(samples, args, device))
-            replayed = graphed.window(micros, weight) if graphed else None  # forward+backward, from CUDA graphs
+            replayed = graphed.window(micros, weight, max_steps - step + 1) if graphed else None  # from CUDA graphs
             if replayed is not None:
                 loss_sum = nonfinite.poison(replayed, step)
             else:
-                loss_sum = 0.0
-                for micro, last in _with_last(micros):
-                    with par.no_sync(last):  # gradients are exchanged after the window's last micro-batch
-                        loss = nonfinite.poison(forward(micro) * weight, step)  # mean over the window's answer tokens
-                        loss.backward()
-                    loss_sum = loss_sum + loss.detach()
+                loss_sum = _eager_window(micros, forward, weight, par, lambda loss: nonfinite.poison(loss, step))
             # one host sync per optimizer step; the ranks' parts of the loss, and any stop request, summed
             loss_sum, stops = par.sum_floats(float(loss_sum) / par.loss_scale, stop.requested, device=device)
             stopping = stops > 0
@@ -370,6 +367,20 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
     except OSError as e:  # the adapter is saved; a missing plot must not fail the run
         log(f"could not write the loss plot ({e.strerror})")
     return {"checkpoint": last_ckpt, "train_runtime": runtime}
+
+
+def _eager_window(micros: list, forward, weight: float, par, poison):
+    """Forward+backward of a window's micro-batches; their summed loss (times weight), detached. No loss
+    outlives its backward: a kept autograd graph keeps the parameters' AccumulateGrad nodes (and the
+    stream they were made on) alive into the next pass, which breaks a CUDA graph capture there."""
+    loss_sum = 0.0
+    for micro, last in _with_last(micros):
+        with par.no_sync(last):  # gradients are exchanged after the window's last micro-batch
+            loss = poison(forward(micro) * weight)  # mean over the window's answer tokens
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
+        del loss
+    return loss_sum
 
 
 def _resume_files(args, trainer_state: dict, optimizer_state: dict, scheduler) -> dict:

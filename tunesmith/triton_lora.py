@@ -38,7 +38,10 @@ def dropped_tile(x_ptr, rows, cols, row_end, col_end, K, seed, threshold, DROP: 
     return x
 
 
-@triton.jit
+# Row counts and seeds change from pass to pass: Triton would build one more variant of each kernel for
+# every new combination of their divisibility by 16 (seconds on a user's first run, and again for each
+# padded CUDA-graph row), so those arguments are not specialized on.
+@triton.jit(do_not_specialize=["T", "offset", "step"])
 def lora_a_kernel(x_ptr, a_ptr, out_ptr, T, K, k_per_split, seed_ptr, offset, step, threshold, keep_scale,
                   R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr):
@@ -61,7 +64,7 @@ def lora_a_kernel(x_ptr, a_ptr, out_ptr, T, K, k_per_split, seed_ptr, offset, st
     tl.store(out, acc * keep_scale, mask=(rows[:, None] < T) & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "offset", "step"])
 def lora_a_grad_kernel(x_ptr, g_ptr, out_ptr, T, K, rows_per_split, seed_ptr, offset, step, threshold, keep_scale,
                        R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr):
@@ -84,7 +87,7 @@ def lora_a_grad_kernel(x_ptr, g_ptr, out_ptr, T, K, rows_per_split, seed_ptr, of
     tl.store(out, acc * keep_scale, mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "offset", "step"])
 def lora_dx_kernel(dx_ptr, g_ptr, a_ptr, T, K, seed_ptr, offset, step, threshold, keep_scale, R: tl.constexpr,
                    RP: tl.constexpr, P: tl.constexpr, DROP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """dx[t, k] += keep_scale * sum_i keep_i(t, k) sum_r g[t, i*R + r] A_i[r, k]."""
@@ -106,7 +109,7 @@ def lora_dx_kernel(dx_ptr, g_ptr, a_ptr, T, K, seed_ptr, offset, step, threshold
     tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], (dx + acc * keep_scale).to(dx_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "offset"])
 def mask_kernel(out_ptr, T, K, seed_ptr, offset, threshold, BT: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)

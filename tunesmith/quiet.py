@@ -1,0 +1,32 @@
+"""Known-harmless warnings of the libraries we build on, silenced in this one place.
+
+Each entry names what triggers it and why it does not matter to a user. Warnings whose cause is ours
+are fixed at the cause instead (the CUDA-graph AccumulateGrad stream warning: no loss keeps its
+autograd graph past its backward, train._eager_window / graphs.GraphedRows._capture).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+KNOWN = [
+    # PEFT's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5.x deprecates
+    # in favour of is_activation_checkpointing; same value, nothing to act on.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+]
+
+
+class _DropBnbKernelsHubNotice(logging.Filter):
+    """bitsandbytes logs at import that it could not fetch an optional CPU kernel from the kernels hub
+    (no network, no `kernels` package); its built-in CPU path runs instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def silence() -> None:
+    for category, message in KNOWN:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(name).addFilter(_DropBnbKernelsHubNotice())
