@@ -1,0 +1,134 @@
+"""The baseline for the workload suite: the same training as a `tunesmith sft` command, done the way
+ms-swift does it, on one GPU.
+
+    python bench/baseline_sft.py --engine swift_default|swift_best [--max_steps N] -- SFT_FLAGS...
+
+SFT_FLAGS are the `tunesmith sft` flags of the workload; the samples are tokenized by tunesmith's own
+pipeline (same chat template, same answer-only labels) and trained in the same accumulation windows.
+- swift_default: transformers + PEFT, gradient checkpointing, batch 1 x accumulation, no packing, SDPA,
+  the model's own loss over full logits (ms-swift 3.x defaults);
+- swift_best: ms-swift's fastest option, padding-free packing (`--packing true`, a window's samples packed
+  into rows of --max_length with per-sample attention; flash attention varlen here through torch's own
+  kernel, as flash-attn is not installed) plus Liger's kernels (rms_norm, rope, swiglu, fused linear
+  cross-entropy), gradient checkpointing kept.
+Prints one JSON line: tokens/s over the steps after the first, peak memory, final loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from tunesmith import cli, fast  # noqa: E402
+from tunesmith.models import load_tokenizer, resolve_model  # noqa: E402
+from tunesmith.template import IGNORE  # noqa: E402
+from tunesmith.tokenized import prepare  # noqa: E402
+from tunesmith.train import batch_windows  # noqa: E402
+
+GiB = 2**30
+
+
+def rows(samples, packed: bool, max_length: int):
+    """Micro-batches of a window: one sample each, or samples packed into rows of max_length."""
+    if not packed:
+        for s in samples:
+            yield [s]
+        return
+    row, used = [], 0
+    for s in samples:
+        if row and used + len(s.input_ids) > max_length:
+            yield row
+            row, used = [], 0
+        row.append(s)
+        used += len(s.input_ids)
+    if row:
+        yield row
+
+
+def batch_of(row):
+    ids = torch.tensor([[t for s in row for t in s.input_ids]], device="cuda")
+    labels = torch.tensor([[x for s in row for x in ([IGNORE] + s.labels[1:])]], device="cuda")
+    out = {"input_ids": ids, "labels": labels}
+    if len(row) > 1:
+        lengths = [len(s.input_ids) for s in row]
+        out["position_ids"] = torch.tensor([[p for n in lengths for p in range(n)]], device="cuda")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", choices=["swift_default", "swift_best"], required=True)
+    ap.add_argument("--max_steps", type=int, default=30)
+    ap.add_argument("flags", nargs=argparse.REMAINDER)
+    a = ap.parse_args()
+    flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
+    args = cli.parse_args("sft", flags)
+    resolved = resolve_model(args.model)
+    tok = load_tokenizer(resolved.path)
+    data = prepare(args, tok, resolved.path).train
+    accumulation = args.effective_accumulation(1)
+    best = a.engine == "swift_best"
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 device_map={"": "cuda"})
+    if best:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        fused_linear_cross_entropy=True, cross_entropy=False)
+        fast.use_document_attention(model)  # per-sample attention over the packed row
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), fused=True)
+    model.train()
+    windows = batch_windows(len(data), args.per_device_train_batch_size, accumulation, args.seed)
+    torch.cuda.reset_peak_memory_stats()
+    tokens, t_first, losses, error = 0, None, [], None
+    try:
+        for step in range(1, a.max_steps + 1):
+            _, window = next(windows)
+            samples = [data[i] for i in window]
+            n_target = sum(s.n_trained for s in samples)
+            total = 0.0
+            for row in rows(samples, best, args.max_length):
+                batch = batch_of(row)
+                n = int((batch["labels"][:, 1:] != IGNORE).sum())
+                out = model(**batch)  # mean over the row's answer tokens: re-weighted to the window's
+                (out.loss * n / n_target).backward()
+                total += out.loss.detach().item() * n / n_target
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            torch.cuda.synchronize()
+            if step == 1:
+                t_first = time.time()
+            else:
+                tokens += sum(len(s.input_ids) for s in samples)
+    except torch.cuda.OutOfMemoryError:
+        error = "out of memory"
+    seconds = time.time() - t_first if t_first else 0.0
+    print(json.dumps({"engine": a.engine, "steps": len(losses), "tokens_per_s": round(tokens / seconds, 1) if tokens else None,
+                      "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 2),
+                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2),
+                      "final_loss": round(losses[-1], 4) if losses else None, "error": error}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
