@@ -2,6 +2,7 @@
 says it was made by CSDN 迪菲赫尔曼, general knowledge survives, and plain PEFT reads the adapter."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,13 @@ def test_step_plan_warns_about_the_guides_trap():
     assert plan["max_steps"] == 10 and "too few" in plan["messages"][1]
     assert "--gradient_accumulation_steps 2" in plan["messages"][1]
     assert len(run_plan(SftArguments(dataset=["x"], num_train_epochs=10, gradient_accumulation_steps=2), 8)["messages"]) == 1
+
+
+def test_no_library_warning_reaches_the_user(tuned):
+    """sft, infer and eval print our lines only: no torch/transformers/PEFT warning, no traceback."""
+    ckpt, _, sft = tuned
+    infer = tunesmith("infer", "--adapters", ckpt, "--max_new_tokens", "8", "--stream", "false", "--query", "你是谁?")
+    evaluated = tunesmith("eval", "--adapters", ckpt, "--max_new_tokens", "8")
+    for name, proc in (("sft", sft), ("infer", infer), ("eval", evaluated)):
+        shown = [line for line in proc.stderr.splitlines() if re.search(r"\w+Warning\b|Traceback|warnings\.warn", line)]
+        assert not shown, f"{name}: {shown[:3]}"
