@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from tunesmith import cli, fast  # noqa: E402
 from tunesmith.models import load_tokenizer, resolve_model  # noqa: E402
-from tunesmith.template import IGNORE  # noqa: E402
-from tunesmith.tokenized import prepare  # noqa: E402
+from tunesmith.data.template import IGNORE  # noqa: E402
+from tunesmith.data.cache import prepare  # noqa: E402
 from tunesmith.train import batch_windows  # noqa: E402
 
 GiB = 2**30

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tunesmith import fast  # noqa: E402
 from tunesmith.args import SftArguments  # noqa: E402
-from tunesmith.template import IGNORE, Encoded  # noqa: E402
+from tunesmith.data.template import IGNORE, Encoded  # noqa: E402
 from tunesmith.train import add_lora, build_optimizer, loss_of, micro_batches, prepare_model  # noqa: E402
 
 from make_qwen7b import QWEN25_7B  # noqa: E402

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import tunesmith
 from tunesmith.cli import parse_args
-from tunesmith.data import load_datasets, parse_spec
+from tunesmith.data.sources import load_datasets, parse_spec
 from tunesmith.errors import UserError
 
 # One two-turn conversation with a system prompt, written by hand in every form.
@@ -183,7 +183,7 @@ def trained_text(tok, enc):
 
 
 def test_loss_on_every_answer_last_round_and_per_message(tmp_path, tok, default_model, home):
-    from tunesmith.tokenized import prepare
+    from tunesmith.data.cache import prepare
 
     conv = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "two"},
                          {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]}
@@ -198,7 +198,7 @@ def test_loss_on_every_answer_last_round_and_per_message(tmp_path, tok, default_
 
 
 def test_second_run_uses_the_cache_and_changes_invalidate_it(tmp_path, tok, default_model, home, capfd):
-    from tunesmith.tokenized import prepare
+    from tunesmith.data.cache import prepare
 
     path = write_as(tmp_path / "d.jsonl", [{"query": f"q{i}?", "response": f"answer {i}"} for i in range(1500)])
     argv = ["--dataset", path + "#1200", "--system", "S"]

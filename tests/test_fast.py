@@ -8,7 +8,7 @@ from transformers import AttentionInterface
 
 from tunesmith import fast
 from tunesmith.args import SftArguments
-from tunesmith.template import IGNORE, Encoded
+from tunesmith.data.template import IGNORE, Encoded
 from tunesmith.train import add_lora, loss_of, micro_batches
 
 from numerics import assert_close_up_to_summation_order, assert_same_bits, summation_tolerance

@@ -74,7 +74,7 @@ class DataArguments(BaseArguments):
 
     def validate(self) -> None:
         super().validate()
-        from .data import parse_columns
+        from .data.sources import parse_columns
 
         for name in ["model_name", "model_author"]:
             if len(getattr(self, name)) > 2:

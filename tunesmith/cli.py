@@ -23,13 +23,13 @@ from .errors import UserError
 
 COMMANDS = {
     "sft": ("SftArguments", "tunesmith.train", "train a LoRA adapter on your data"),
-    "infer": ("InferArguments", "tunesmith.infer", "chat with a base model or a tuned adapter"),
-    "data": ("InspectArguments", "tunesmith.data_inspect",
+    "infer": ("InferArguments", "tunesmith.inference.infer", "chat with a base model or a tuned adapter"),
+    "data": ("InspectArguments", "tunesmith.data.inspect",
              "`data inspect DATASET...`: counts, token lengths and the loss mask, before training"),
-    "export": ("ExportArguments", "tunesmith.export", "merge an adapter into its base model; write GGUF"),
-    "deploy": ("DeployArguments", "tunesmith.serve", "serve the model over an OpenAI-compatible HTTP API"),
-    "eval": ("EvalArguments", "tunesmith.evaluate", "compare base and tuned answers side by side"),
-    "web-ui": ("WebUiArguments", "tunesmith.webui", "train and chat in the browser (the same sft commands, shown)"),
+    "export": ("ExportArguments", "tunesmith.export.merge", "merge an adapter into its base model; write GGUF"),
+    "deploy": ("DeployArguments", "tunesmith.inference.deploy", "serve the model over an OpenAI-compatible HTTP API"),
+    "eval": ("EvalArguments", "tunesmith.inference.evaluate", "compare base and tuned answers side by side"),
+    "web-ui": ("WebUiArguments", "tunesmith.webui.app", "train and chat in the browser (the same sft commands, shown)"),
 }
 
 TRUE = {"true", "1", "yes", "y", "on"}

@@ -26,12 +26,12 @@ from pathlib import Path
 from . import distributed, fast, graphs, lean_layer, lean_lora, planner, resume
 from .args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
-from .data import check_local
+from .data.sources import check_local
 from .errors import UserError
 from .guards import NonFinite, StopSignals
 from .models import load_config, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
-from .template import IGNORE, ChatTemplate, Encoded
-from .tokenized import prepare
+from .data.template import IGNORE, ChatTemplate, Encoded
+from .data.cache import prepare
 
 MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarely takes (see run_plan)
 

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .args import ExportArguments, InferArguments
-from .errors import UserError
-from .models import load_model, log
+from ..args import ExportArguments, InferArguments
+from ..errors import UserError
+from ..models import load_model, log
 
 MARKER = "tunesmith_export.json"  # marks a folder we wrote, so a rerun may replace it and nothing else
 CHECK_PROMPTS = ["你是谁?", "Who are you?", "中国的首都是哪里?", "Write a Python function that adds two numbers."]
@@ -34,11 +34,11 @@ def run(args: ExportArguments) -> int:
     if args.adapters:
         merged = merge(args)
     else:
-        from .models import resolve_model
+        from ..models import resolve_model
 
         merged = resolve_model(args.model).path
     if args.to_gguf:
-        from .gguf_export import write_gguf
+        from .gguf import write_gguf
 
         if args.adapters:
             folder = merged
@@ -57,7 +57,7 @@ def merge(args: ExportArguments) -> Path:
     """Merge the adapter into its base, write the folder, load it back and compare logits."""
     import torch
 
-    from .infer import load_chat
+    from ..inference.infer import load_chat
 
     final = merged_dir(args)
     staging = _staging(final, "--output_dir" if args.output_dir else "--adapters")
@@ -118,7 +118,7 @@ def _save_dtype(name: str, model):
     """--torch_dtype auto keeps the base model's stored dtype."""
     import torch
 
-    from .args import normalize_dtype
+    from ..args import normalize_dtype
 
     name = normalize_dtype(name)
     if name == "auto":

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .models import log
+from ..errors import UserError
+from ..models import log
 
 # Our name -> (gguf architecture, tokenizer pre-tokenizer name llama.cpp knows)
 ARCHITECTURES = {"qwen2": ("qwen2", "qwen2"), "llama": ("llama", "smollm")}

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 SPEC = re.compile(r"^(?:(?P<hub>hf|ms)::)?(?P<name>.+?)(?:#(?P<n>-?\d+))?$", re.IGNORECASE)
 PLACEHOLDER = re.compile(r"\{\{(NAME|AUTHOR)\}\}")
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
             "model": "assistant", "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-BUILTIN_DIR = Path(__file__).parent / "data"
+BUILTIN_DIR = Path(__file__).parent  # the built-in sets sit beside this module
 # Our own bilingual self-cognition set stands in for ms-swift's registered one, under its ids too.
 BUILTIN = {"self-cognition": "self_cognition.jsonl", "swift/self-cognition": "self_cognition.jsonl",
            "modelscope/self-cognition": "self_cognition.jsonl"}
@@ -44,7 +44,7 @@ JSON_COLUMNS = ("messages", "conversations", "history")  # csv cells holding JSO
 
 
 def _log(msg: str) -> None:
-    from .models import log
+    from ..models import log
 
     log(msg)
 

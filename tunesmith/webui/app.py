@@ -2,7 +2,7 @@
 
     tunesmith web-ui [--port 7860] [--output_dir output]      then open http://127.0.0.1:7860
 
-The page (tunesmith/web/) fills a form generated from SftArguments, shows the `tunesmith sft …` command it
+The page (tunesmith/webui/web/) fills a form generated from SftArguments, shows the `tunesmith sft …` command it
 stands for and runs exactly that command as a subprocess. Loss, progress and ETA come from the run's
 logging.jsonl and progress bar. One run at a time per --output_dir: its pid is kept in OUTPUT_DIR/webui/run.json,
 so a reloaded page, a second tab or a restarted web-ui sees the run instead of starting another. Stop sends
@@ -31,14 +31,15 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from . import cli, serve
-from .args import DeployArguments, InspectArguments, SftArguments, WebUiArguments
-from .checkpoint import checkpoints, writable_dir
-from .data import BUILTIN, check_local
-from .errors import UserError
-from .models import DEFAULT_MODEL, DEFAULT_MODELS, log
-from .serve import ApiError, ChatRequest
-from .train import _hms
+from .. import cli
+from ..inference import deploy
+from ..args import DeployArguments, InspectArguments, SftArguments, WebUiArguments
+from ..checkpoint import checkpoints, writable_dir
+from ..data.sources import BUILTIN, check_local
+from ..errors import UserError
+from ..models import DEFAULT_MODEL, DEFAULT_MODELS, log
+from ..inference.deploy import ApiError, ChatRequest
+from ..train import _hms
 
 WEB = Path(__file__).parent / "web"
 # The guide's settings (examples/guide.sh): the form starts from these, not from the dataclass defaults.
@@ -287,7 +288,7 @@ class Chats:
         self.lock = threading.Lock()
         self.key, self.engine = None, None
 
-    def engine_for(self, model: str | None, checkpoint: str | None) -> serve.Engine:
+    def engine_for(self, model: str | None, checkpoint: str | None) -> deploy.Engine:
         with self.lock:
             key = (None if checkpoint else model, checkpoint)
             if key != self.key:
@@ -295,7 +296,7 @@ class Chats:
                 args = DeployArguments(model=None if checkpoint else model, adapters=[f"tuned={checkpoint}"] if checkpoint else [],
                                        device=self.args.device, max_new_tokens=self.args.max_new_tokens, temperature=0.0)
                 args.validate()
-                self.engine, self.key = serve.Engine(args), key
+                self.engine, self.key = deploy.Engine(args), key
             return self.engine
 
 
@@ -313,7 +314,7 @@ def build_app(args: WebUiArguments) -> FastAPI:
     output_dir = writable_dir(args.output_dir)
     runs, chats = Runs(output_dir), Chats(args)
     uploads = output_dir / "webui" / "uploads"
-    app = serve.json_errors(FastAPI(title="tunesmith web-ui", docs_url=None, redoc_url=None))
+    app = deploy.json_errors(FastAPI(title="tunesmith web-ui", docs_url=None, redoc_url=None))
     app.mount("/static", StaticFiles(directory=WEB), name="static")
 
     @app.get("/")
@@ -383,19 +384,19 @@ def build_app(args: WebUiArguments) -> FastAPI:
 
     @app.post("/api/chat")
     async def chat(request: Request):
-        req = await serve.parse_request(request, WebChatRequest)
+        req = await deploy.parse_request(request, WebChatRequest)
         if req.model == "tuned" and not req.checkpoint:
             raise ApiError(400, "no checkpoint to chat with yet: train first, or pick one")
         engine = await run_in_threadpool(chats.engine_for, req.base_model or args.model, req.checkpoint)
         name = engine.base if req.model == "base" else "tuned"
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = engine.template(name).encode_prompt(messages)
-        job = serve.generation_job(engine, req, ids, req.max_tokens, strip=True)
+        job = deploy.generation_job(engine, req, ids, req.max_tokens, strip=True)
 
         def chunk(delta=None, finish=None, usage=None):
             return {"object": "chat.completion.chunk", "model": name,
                     "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
-        return StreamingResponse(serve.sse_stream(engine, name, ids, job, req, chunk, lambda piece: {"content": piece},
+        return StreamingResponse(deploy.sse_stream(engine, name, ids, job, req, chunk, lambda piece: {"content": piece},
                                             first={"role": "assistant", "content": ""}), media_type="text/event-stream")
 
     return app
@@ -416,10 +417,10 @@ def _uploaded(folder: Path) -> list[str]:
 
 
 def run(args: WebUiArguments) -> int:
-    sock = serve.bind(args.host, args.port)
+    sock = deploy.bind(args.host, args.port)
     app = build_app(args)
     sock.listen(128)
     print(f"web-ui: http://{args.host}:{sock.getsockname()[1]}/", flush=True)
     log(f"runs go to {Path(args.output_dir).resolve()}; Ctrl-C stops the page, not a run it started")
-    serve.serve_on(sock, app)
+    deploy.serve_on(sock, app)
     return 0

@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .args import InferArguments, load_args_json
-from .checkpoint import check_adapter_dir, check_adapter_fits
-from .errors import UserError
-from .models import end_of_turn_ids, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
-from .template import ChatTemplate
+from ..args import InferArguments, load_args_json
+from ..checkpoint import check_adapter_dir, check_adapter_fits
+from ..errors import UserError
+from ..models import end_of_turn_ids, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
+from ..data.template import ChatTemplate
 
 
 @dataclass

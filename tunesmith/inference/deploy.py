@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .args import DeployArguments
-from .errors import UserError
+from ..args import DeployArguments
+from ..errors import UserError
 from .infer import Chat, Generation, load_chat
-from .models import log
-from .template import ChatTemplate
+from ..models import log
+from ..data.template import ChatTemplate
 
 
 class Engine:

@@ -1,0 +1,1 @@
+"""`tunesmith web-ui`: the server (app) and the page it serves (web/)."""
