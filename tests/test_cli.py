@@ -107,3 +107,14 @@ def test_missing_dataset_is_reported_before_the_model(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "tunesmith sft: error: --dataset nope.json: file not found"
     assert not (tmp_path / "out").exists()
+
+
+def test_infer_against_no_server_is_one_line():
+    """`infer --base_url` talks through the openai client; nothing listening is one line, exit 2."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = tunesmith("infer", "--base_url", f"http://127.0.0.1:{port}/v1", "--query", "hi", check=False, timeout=120)
+    assert proc.returncode == 2 and "cannot connect" in proc.stderr and "Traceback" not in proc.stderr

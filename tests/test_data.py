@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunesmith.data.sources import load_datasets, sample, to_messages
+from conftest import load_datasets
+from tunesmith.data.sources import sample, to_messages
 from tunesmith.errors import UserError
 
 EXPECTED = [{"role": "user", "content": "你是谁?"}, {"role": "assistant", "content": "我是小助手。"}]

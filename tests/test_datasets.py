@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tunesmith
+from conftest import load_datasets, tunesmith
 from tunesmith.cli import parse_args
-from tunesmith.data.sources import load_datasets, parse_spec
+from tunesmith.data.sources import parse_spec
 from tunesmith.errors import UserError
 
 # One two-turn conversation with a system prompt, written by hand in every form.
@@ -202,17 +202,21 @@ def test_second_run_uses_the_cache_and_changes_invalidate_it(tmp_path, tok, defa
 
     path = write_as(tmp_path / "d.jsonl", [{"query": f"q{i}?", "response": f"answer {i}"} for i in range(1500)])
     argv = ["--dataset", path + "#1200", "--system", "S"]
-    first = prepare(parse_args("data", argv), tok, default_model)
-    second = prepare(parse_args("data", argv), tok, default_model)
-    assert not first.cached and second.cached
-    assert "skipped reading and tokenizing" in capfd.readouterr().err
+
+    def prepared(args):  # (the samples, whether they came from the cache: what sft's log line says)
+        capfd.readouterr()
+        out = prepare(parse_args("data", args), tok, default_model)
+        return out, "skipped reading and tokenizing" in capfd.readouterr().err
+
+    (first, cached_1), (second, cached_2) = prepared(argv), prepared(argv)
+    assert not cached_1 and cached_2
     assert len(first.train) == len(second.train) == 1200
     assert [first.train[i] for i in (0, 599, 1199)] == [second.train[i] for i in (0, 599, 1199)]
     for change in (["--max_length", "12"], ["--system", "T"], ["--seed", "1"], ["--model_name", "N"]):
-        assert not prepare(parse_args("data", argv + change), tok, default_model).cached
+        assert not prepared(argv + change)[1]
     write_as(tmp_path / "d.jsonl", [{"query": f"q{i}?", "response": f"ANSWER {i}"} for i in range(1500)])
-    changed = prepare(parse_args("data", argv), tok, default_model)
-    assert not changed.cached and "ANSWER" in tok.decode(changed.train[0].input_ids)
+    changed, cached = prepared(argv)
+    assert not cached and "ANSWER" in tok.decode(changed.train[0].input_ids)
     assert len(list((home / "tokenized").iterdir())) == 6
 
 

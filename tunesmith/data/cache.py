@@ -57,9 +57,6 @@ class TokenizedSet(Sequence):
         labels = np.where(self.store["trained"][a:b], ids, IGNORE)
         return Encoded(ids.tolist(), labels.tolist())
 
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.store["offsets"])[self.rows]
-
 
 @dataclass
 class Prepared:
@@ -68,7 +65,6 @@ class Prepared:
     report: list[str]  # one line per source
     stats: dict  # too_long / truncated / dropped / no_loss over training samples
     store: dict
-    cached: bool
     train_all: np.ndarray  # every training sample after sampling, before dropping (for `data inspect`)
     sources: list[str]  # where each stored record came from (file:line)
 
@@ -92,7 +88,7 @@ def prepare(args, tok, model_path: Path, use_cache: bool = True) -> Prepared:
         f"({_workers(len(store['status']))} processes)")
     if use_cache:
         _save(folder, store, meta)
-    return _assemble(store, meta, cached=False)
+    return _assemble(store, meta)
 
 
 def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
@@ -250,12 +246,12 @@ def _save(folder: Path, store: dict, meta: dict) -> None:
 def _load(folder: Path) -> Prepared:
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     store = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    prepared = _assemble(store, meta, cached=True)
+    prepared = _assemble(store, meta)
     log(f"tokenized data from cache {folder} ({len(store['status'])} records): skipped reading and tokenizing")
     return prepared
 
 
-def _assemble(store: dict, meta: dict, cached: bool) -> Prepared:
+def _assemble(store: dict, meta: dict) -> Prepared:
     status = np.asarray(store["status"])
     train_all, val_all = np.asarray(store["train_rows"]), np.asarray(store["val_rows"])
     usable = lambda rows: rows[status[rows] <= TRUNCATED]  # noqa: E731
@@ -263,5 +259,5 @@ def _assemble(store: dict, meta: dict, cached: bool) -> Prepared:
     stats = {"too_long": int(((s == TOO_LONG) | (s == TRUNCATED)).sum()), "truncated": int((s == TRUNCATED).sum()),
              "dropped": int((s == TOO_LONG).sum()), "no_loss": int((s == NO_LOSS).sum())}
     return Prepared(TokenizedSet(store, usable(train_all)), TokenizedSet(store, usable(val_all)), meta["report"],
-                    stats, store, cached, train_all, meta["where"])
+                    stats, store, train_all, meta["where"])
 

@@ -559,19 +559,6 @@ def open_sources(specs: list[str], columns: dict) -> list[Source]:
     return [open_source(p, columns) for p in check_local(specs)]
 
 
-def load_datasets(specs: list[str], seed: int, names: list[str], authors: list[str],
-                  columns: dict | None = None) -> tuple[list[dict], list[str]]:
-    """All --dataset entries -> (records as {'messages', 'source'}, one report line per source)."""
-    rng = random.Random(seed)
-    records, report = [], []
-    for src in open_sources(specs, columns or {}):
-        chosen = src.choose(rng)
-        got = {i: (where, msgs) for i, where, msgs in src.messages(set(chosen), names, authors)}
-        records += [{"messages": got[i][1], "source": got[i][0]} for i in chosen if i in got]
-        report.append(src.report(len(chosen)))
-    return records, report
-
-
 def split(records: list, ratio: float, seed: int) -> tuple[list, list]:
     if ratio <= 0:
         return records, []

@@ -183,61 +183,56 @@ def load_chat(args: InferArguments, named: dict[str, str] | None = None) -> Chat
 
 
 class RemoteChat:
-    """The same answer() as Chat, from a running `tunesmith deploy` (or any OpenAI-compatible server), streaming."""
+    """The same answer() as Chat, from a running `tunesmith deploy` (or any OpenAI-compatible server), streaming,
+    through the official `openai` client."""
 
     def __init__(self, args: InferArguments):
         import os
 
+        from openai import OpenAI
+
         self.args, self.url = args, args.base_url.rstrip("/")
-        self.key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        key = args.api_key or os.environ.get("OPENAI_API_KEY") or "none"  # (the client wants one; deploy may not)
+        self.client = OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=600)
         self.template = ChatTemplate(None, args.system)
-        served = [m["id"] for m in self._call("GET", "/models")["data"]]
+        served = [m.id for m in self._call(self.client.models.list).data]
         if args.model is None:
             args.model = served[-1]  # deploy lists the base first and adapters after it: the tuned one
         elif args.model not in served:
             raise UserError(f"--model {args.model}: {self.url} serves {', '.join(served)}")
         log(f"chatting with {args.model} at {self.url}")
 
-    def _call(self, method: str, path: str, body: dict | None = None):
-        import json
-        import urllib.error
-        import urllib.request
+    def _call(self, fn, **kwargs):
+        """fn(**kwargs), with the server's refusals and a missing server as one line each."""
+        import openai
 
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         try:
-            response = urllib.request.urlopen(request, timeout=600)
-        except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read())["error"]["message"]
-            except Exception:
-                message = e.reason
-            raise UserError(f"--base_url {self.url}: the server answered {e.code}: {message}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"--base_url {self.url}: cannot connect ({getattr(e, 'reason', e)}); is `tunesmith deploy` running?") from None
-        return json.loads(response.read()) if body is None or not body.get("stream") else response
+            return fn(**kwargs)
+        except openai.APIStatusError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            error = body.get("error", body)  # (the client hands over the error object or the whole body)
+            message = error.get("message") if isinstance(error, dict) else None
+            raise UserError(f"--base_url {self.url}: the server answered {e.status_code}: {message or e.message}") from None
+        except openai.APIConnectionError as e:
+            raise UserError(f"--base_url {self.url}: cannot connect ({e.__cause__ or e}); is `tunesmith deploy` running?") from None
 
     def answer(self, messages: list[dict], stream_to=None) -> str:
-        import json
+        import openai
 
-        body = {"model": self.args.model, "messages": self.template.with_system(messages), "stream": True,
-                "max_tokens": self.args.max_new_tokens, "temperature": self.args.temperature, "top_p": self.args.top_p}
+        stream = self._call(self.client.chat.completions.create, model=self.args.model,
+                            messages=self.template.with_system(messages), stream=True,
+                            max_tokens=self.args.max_new_tokens, temperature=self.args.temperature, top_p=self.args.top_p)
         parts = []
-        with self._call("POST", "/chat/completions", body) as response:
-            for line in response:  # server-sent events: "data: {...}" lines, then "data: [DONE]"
-                line = line.decode("utf-8").strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise UserError(f"--base_url {self.url}: {event['error']['message']}")
-                for choice in event.get("choices", []):
-                    piece = choice.get("delta", {}).get("content") or ""
+        try:
+            for event in stream:
+                for choice in event.choices:
+                    piece = choice.delta.content or ""
                     parts.append(piece)
                     if stream_to is not None and piece:
                         stream_to.write(piece)
                         stream_to.flush()
+        except openai.APIError as e:  # an error event in the middle of the stream
+            raise UserError(f"--base_url {self.url}: {e.message}") from None
         if stream_to is not None:
             stream_to.write("\n")
             stream_to.flush()
