@@ -40,6 +40,10 @@ class BaseArguments:
     )
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
     system: Optional[str] = arg(None, "system prompt (default: the model's own chat template default)")
+    enable_thinking: Optional[bool] = arg(
+        None, "for chat templates with a thinking switch (Qwen3): false = no reasoning (an empty <think></think> "
+        "opens each answer), true = reason; default: the template's own, and in training, thinking off for "
+        "records whose answers carry no <think> reasoning")
     max_length: int = arg(2048, "longest sample in tokens (prompt + answer)")
     seed: int = arg(42, "random seed: same seed, same data order and same result")
 

@@ -74,7 +74,7 @@ def prepare(args, tok, model_path: Path, use_cache: bool = True) -> Prepared:
     columns = parse_columns(args.columns)
     train_src = open_sources(args.dataset, columns)
     val_src = open_sources(getattr(args, "val_dataset", []), columns)
-    template = ChatTemplate(tok, args.system)
+    template = ChatTemplate(tok, args.system, getattr(args, "enable_thinking", None))
     key = cache_key(args, train_src + val_src, tok, model_path)
     folder = cache_root() / "tokenized" / key
     if use_cache and (folder / "meta.json").exists():
@@ -101,7 +101,7 @@ def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
         "version": VERSION, "tokenizer": type(tok).__name__, "chat_template": tok.chat_template,
         "sources": [(s.spec.text, s.fingerprint()) for s in sources],
         "n_train": len(args.dataset), "seed": args.seed, "split": getattr(args, "split_dataset_ratio", 0.0),
-        "system": args.system, "max_length": args.max_length, "truncation": args.truncation_strategy,
+        "system": args.system, "thinking": getattr(args, "enable_thinking", None), "max_length": args.max_length, "truncation": args.truncation_strategy,
         "loss_scale": args.loss_scale, "columns": parse_columns(args.columns),
         "names": args.model_name, "authors": args.model_author,
     }

@@ -68,7 +68,7 @@ class Engine:
 
     def template(self, model: str) -> ChatTemplate:
         system = self.chat.args.system if model == self.base else self.chat.systems[model]
-        return ChatTemplate(self.chat.tok, system)
+        return ChatTemplate(self.chat.tok, system, self.chat.args.enable_thinking)
 
     def generate(self, model: str, ids: list[int], **kw) -> Generation:
         import contextlib

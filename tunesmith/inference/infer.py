@@ -179,7 +179,7 @@ def load_chat(args: InferArguments, named: dict[str, str] | None = None) -> Chat
             model.load_adapter(adapter, adapter_name=name)
         log(f"adapter {adapter} on {resolved.name}")
     model.eval()
-    return Chat(model, tok, ChatTemplate(tok, args.system), args, device, resolved.name, systems)
+    return Chat(model, tok, ChatTemplate(tok, args.system, args.enable_thinking), args, device, resolved.name, systems)
 
 
 class RemoteChat:

@@ -1,0 +1,78 @@
+"""Each family's chat template, trained as it is served (issue 17): the official templates of Qwen3 (thinking
+switch), Gemma 2 (no system role) and Llama 3 (header tokens) on the default model's tokenizer."""
+
+from pathlib import Path
+
+import pytest
+
+from tunesmith.data.template import IGNORE, ChatTemplate
+
+TEMPLATES = Path(__file__).parent / "templates"
+# The families' own tokenizers have these as single tokens; the default model's tokenizer gets them added.
+TOKENS = {"qwen3": ["<think>", "</think>"], "gemma2": ["<start_of_turn>", "<end_of_turn>"],
+          "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_for(default_model):
+    from transformers import AutoTokenizer
+
+    def make(family: str):
+        tok = AutoTokenizer.from_pretrained(default_model)
+        tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")
+        tok.add_tokens(TOKENS[family], special_tokens=family != "qwen3")
+        return tok
+    return make
+
+
+def trained(tok, enc) -> list[str]:
+    """The trained stretches of a sample, as text."""
+    runs, current = [], []
+    for i, label in zip(enc.input_ids, enc.labels):
+        if label != IGNORE:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
+
+
+def conversation(*turns):
+    return [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
+
+
+def test_qwen3_records_without_reasoning_train_as_inference_with_thinking_off(tokenizer_for):
+    tok = tokenizer_for("qwen3")
+    template = ChatTemplate(tok, "You are a helpful assistant.")
+    enc = template.encode(conversation("你是谁?", "我是 Swift-Robot。"))
+    assert trained(tok, enc) == ["我是 Swift-Robot。<|im_end|>"]  # the empty think block is prompt, not answer
+    served = ChatTemplate(tok, "You are a helpful assistant.", enable_thinking=False).encode_prompt(conversation("你是谁?"))
+    assert enc.input_ids[: len(served)] == served and "<think>\n\n</think>" in tok.decode(served)
+
+
+def test_qwen3_reasoning_is_trained_and_earlier_turns_follow_the_template(tokenizer_for):
+    tok = tokenizer_for("qwen3")
+    template = ChatTemplate(tok)
+    enc = template.encode(conversation("1+1?", "<think>\nadd them\n</think>\n\n2", "2+2?", "<think>\nagain\n</think>\n\n4"))
+    # the template drops the first answer's reasoning from the history and keeps the last one's
+    assert trained(tok, enc) == ["2<|im_end|>", "<think>\nagain\n</think>\n\n4<|im_end|>"]
+    forced = ChatTemplate(tok, enable_thinking=True).encode(conversation("1+1?", "2"))
+    assert trained(tok, forced) == ["<think>\n\n</think>\n\n2<|im_end|>"]  # --enable_thinking true: as the model would answer
+
+
+def test_gemma2_takes_the_system_prompt_into_the_first_turn(tokenizer_for):
+    tok = tokenizer_for("gemma2")
+    template = ChatTemplate(tok, "You are a helpful assistant.")
+    enc = template.encode(conversation("Who are you?", "Swift-Robot.", "And?", "Made by CSDN."))
+    assert trained(tok, enc) == ["Swift-Robot.<end_of_turn>", "Made by CSDN.<end_of_turn>"]
+    prompt = tok.decode(template.encode_prompt(conversation("Who are you?")))
+    assert prompt.endswith("<start_of_turn>user\nYou are a helpful assistant.\n\nWho are you?<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_llama3_answers_end_with_eot(tokenizer_for):
+    tok = tokenizer_for("llama3")
+    enc = ChatTemplate(tok, "S").encode(conversation("Q?", "A."))
+    assert trained(tok, enc) == ["A.<|eot_id|>"]
+    assert tok.decode(ChatTemplate(tok, "S").encode_prompt(conversation("Q?"))).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
