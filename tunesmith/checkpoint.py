@@ -197,14 +197,18 @@ def check_adapter_fits(adapter_dir: Path, model_path: Path) -> None:
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(m.weight.shape) for name, m in skeleton.named_modules() if hasattr(m, "weight") and m.weight is not None}
+    shapes = {name: tuple(m.weight.shape) for name, m in skeleton.named_modules()
+              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2}
+    modules = {name for name, _ in skeleton.named_modules()}
     with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
         for key in f.keys():
             m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", key)
             if not m:
                 continue
-            module, ab = m.group(1), m.group(2)
+            module, ab = re.sub(r"(\.base_layer)+$", "", m.group(1)), m.group(2)  # (PEFT nests one per target parameter)
             shape = f.get_slice(key).get_shape()
+            if module in modules and module not in shapes:
+                continue  # LoRA on a module's parameters (an MoE's experts): PEFT checks those shapes when it loads
             if module not in shapes:
                 raise UserError(f"--adapters {adapter_dir}: made for another model ({module} does not exist in {model_path.name})")
             out_f, in_f = shapes[module][:2]
