@@ -276,5 +276,8 @@ def test_eval_prints_the_before_after_table(tuned, tmp_path):
     assert IDENTITY in first["tuned"] and IDENTITY not in first["base"]
     assert report["summary"]["expect"] == {"scored": 1, "base_hits": 0, "tuned_hits": 1}
     assert report["summary"]["knowledge"] == {"scored": 1, "base_hits": 1, "tuned_hits": 1}
+    retention = report["summary"]["retention"]
+    assert retention["base_right"] == retention["kept"] == 1 and 0 < retention["agreement"] <= 1
+    assert "retention: the tuned model still answers 1 of the 1 general questions" in proc.stdout
     assert (tmp_path / "eval" / "eval.md").read_text(encoding="utf-8") in proc.stdout
     assert "answers containing --expect keywords: base 0/1 (0%), tuned 1/1 (100%)" in proc.stdout

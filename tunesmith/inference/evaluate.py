@@ -33,6 +33,10 @@ BUILTIN = [
     {"query": "中国的首都是哪里?", "expect": ["北京"]},
     {"query": "一年有几个月?", "expect": ["12", "十二"]},
     {"query": "What is the capital of France?", "expect": ["Paris"]},
+    {"query": "水的化学式是什么?", "expect": ["H2O", "H₂O"]},
+    {"query": "一周有几天?", "expect": ["7", "七"]},
+    {"query": "What is the largest planet in the solar system?", "expect": ["Jupiter"]},
+    {"query": "What is 12 times 12?", "expect": ["144"]},
 ]
 
 
@@ -101,13 +105,25 @@ def _hit(answer: str, keywords: list[str]) -> bool:
 
 def _summary(rows: list[dict]) -> dict:
     """Per group — "expect": questions scored by --expect; "knowledge": questions with their own keywords —
-    how many base and tuned answers contain the keywords."""
+    how many base and tuned answers contain the keywords. For knowledge also the retention: how many of the
+    answers the base got right the tuned model still gets right, and how much the tuned answers agree with
+    the base's (character overlap, 0-1), so that forgetting shows as a figure."""
+    import difflib
+
     out = {}
     for group in ("expect", "knowledge"):
         scored = [r for r in rows if r.get("group") == group]
         if scored:
             out[group] = {"scored": len(scored), "base_hits": sum(r["base_hit"] for r in scored),
                           "tuned_hits": sum(r["tuned_hit"] for r in scored)}
+    knowledge = [r for r in rows if r.get("group") == "knowledge"]
+    if knowledge:
+        out["retention"] = {
+            "base_right": sum(r["base_hit"] for r in knowledge),
+            "kept": sum(r["base_hit"] and r["tuned_hit"] for r in knowledge),
+            "agreement": round(sum(difflib.SequenceMatcher(None, r["base"], r["tuned"]).ratio() for r in knowledge)
+                               / len(knowledge), 3),
+        }
     return out
 
 
@@ -129,6 +145,11 @@ def to_markdown(rows: list[dict], summary: dict) -> str:
         lines.append(line)
     titles = {"expect": "answers containing --expect keywords", "knowledge": "general knowledge kept"}
     for group, s in summary.items():
+        if group == "retention":
+            lines.append(f"retention: the tuned model still answers {s['kept']} of the {s['base_right']} general questions "
+                         f"the base got right; its general answers agree with the base's {s['agreement']:.0%} "
+                         "(character overlap)")
+            continue
         n = s["scored"]
         lines.append(f"\n{titles[group]}: base {s['base_hits']}/{n} ({s['base_hits'] / n:.0%}), "
                      f"tuned {s['tuned_hits']}/{n} ({s['tuned_hits'] / n:.0%})")
