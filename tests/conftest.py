@@ -1,10 +1,12 @@
-"""Shared helpers: run the CLI as a user would, and train the guide's adapter once per session."""
+"""Shared helpers: run the CLI as a user would, start its servers, and train the guide's adapter once per session."""
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +42,20 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def deploy(*flags):
+    """`tunesmith deploy --port 0 FLAGS`; yields (port, its process) once the model is loaded and the port listens."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--port", "0", *map(str, flags)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("deploy: http://127.0.0.1:"), line
+        yield int(line.rsplit(":", 1)[1].split("/")[0]), psutil.Process(proc.pid)
+    finally:
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

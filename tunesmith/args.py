@@ -277,6 +277,8 @@ class DeployArguments(InferArguments):
     served_model_name: Optional[str] = arg(None, "name of the base model in /v1/models (default: its alias or folder name)")
     max_new_tokens: int = arg(512, "longest answer when a request sets no max_tokens")
     log_interval: int = arg(0, "accepted for compatibility")
+    allowed_hosts: list[str] = arg([], "more names clients reach it by (Host header), besides loopback and --host; '*' any, '*.example.com' a domain")
+    cors_origins: list[str] = arg([], "web pages allowed to call it from a browser (CORS), e.g. http://localhost:3000; other pages get 403")
 
     def validate(self) -> None:
         BaseArguments.validate(self)
