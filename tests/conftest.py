@@ -50,9 +50,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def deploy(*flags):
+def deploy(*flags, env_extra=None):
     """`tunesmith deploy --port 0 FLAGS`; yields (port, its process) once the model is loaded and the port listens."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_NO_PROGRESS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_NO_PROGRESS": "1", **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--port", "0", *map(str, flags)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:

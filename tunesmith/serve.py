@@ -271,6 +271,19 @@ def _same_origin(origin: str, host: str) -> bool:
     return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower()
 
 
+def openapi_body(cls: type[BaseModel]) -> dict:
+    """`cls` as the operation's JSON body in /openapi.json (the endpoint parses the body itself: parse_request),
+    with its nested models written out in place."""
+    schema = cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def build_app(engine: Engine, args: DeployArguments) -> FastAPI:
     app = json_errors(FastAPI(title="tunesmith", docs_url=None, redoc_url=None))
     origins = check_origins(args.cors_origins)
@@ -297,7 +310,7 @@ def build_app(engine: Engine, args: DeployArguments) -> FastAPI:
              "root": engine.chat.model_name if name == engine.base else name, "max_model_len": engine.context}
             for name in engine.names]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], openapi_extra=openapi_body(ChatRequest))
     async def chat_completions(request: Request):
         req = await parse_request(request, ChatRequest)
         model = _served(engine, req.model)
@@ -318,7 +331,7 @@ def build_app(engine: Engine, args: DeployArguments) -> FastAPI:
             "index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason,
             "logprobs": None}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request):
         req = await parse_request(request, CompletionRequest)
         model = _served(engine, req.model)
@@ -405,7 +418,10 @@ def generation_job(engine: Engine, req: Sampling, ids: list[int], max_tokens: in
         max_tokens = min(engine.chat.args.max_new_tokens, room)
     if room <= 0 or len(ids) + max_tokens > engine.context:
         raise _too_long(engine, len(ids), max_tokens)
-    return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
+    temperature = req.temperature
+    if temperature is not None and temperature < 1e-5:  # greedy, as vLLM: dividing the logits by it would overflow
+        temperature = 0.0
+    return dict(max_new_tokens=max_tokens, temperature=temperature, top_p=req.top_p, stop=req.stop_list(),
                 seed=req.seed, strip=strip)
 
 
