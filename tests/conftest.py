@@ -1,10 +1,17 @@
-"""Shared helpers: run the CLI as a user would, and train the guide's adapter once per session."""
+"""Shared helpers: run the CLI as a user would, start its servers, and train the guide's adapter once per session."""
 
+import contextlib
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +64,67 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def deploy(*flags, env_extra=None):
+    """`tunesmith deploy --port 0 FLAGS`; yields (port, its process) once the model is loaded and the port listens."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_NO_PROGRESS": "1", **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--port", "0", *map(str, flags)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("deploy: http://127.0.0.1:"), line
+        yield int(line.rsplit(":", 1)[1].split("/")[0]), psutil.Process(proc.pid)
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def web_ui(out: Path, *flags):
+    """`tunesmith web-ui --port 0` on `out`; yields the address it prints (http://127.0.0.1:PORT/?token=…)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # its runs inherit one thread each
+    with open(out.parent / "web-ui.log", "a") as log:  # its stderr, kept for a failing test's post-mortem
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "web-ui", "--port", "0", "--output_dir", out,
+                                 "--max_new_tokens", "24", *map(str, flags)], stdout=subprocess.PIPE, stderr=log,
+                                text=True, env=env)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("web-ui: http://127.0.0.1:"), line + (out.parent / "web-ui.log").read_text()
+            yield line.split(" ", 1)[1].strip()
+        finally:
+            stop_process(proc)
+
+
+def call(page: str, path: str, body=None, method=None, headers=None) -> tuple[int, dict]:
+    """A web-ui API call as its page makes it: JSON, with the token of the printed address `page`. `headers` adds
+    or (with None) drops headers."""
+    base, _, token = page.partition("/?token=")
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", "X-Tunesmith-Token": token, **(headers or {})}
+    request = urllib.request.Request(base + path, data=data, method=method or ("GET" if data is None else "POST"),
+                                     headers={k: v for k, v in sent.items() if v is not None})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def stop_run(out: Path) -> None:
+    """A run the page started lives in its own session: end it with the test."""
+    try:
+        pid = json.loads((out / "webui" / "run.json").read_text())["pid"]
+        psutil.Process(pid).send_signal(signal.SIGKILL)
+    except (FileNotFoundError, psutil.Error):
+        pass
+
+
+def chromium() -> str:
+    """The system's Chromium, which the browser tests drive through Playwright."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Chromium is missing: apt-get install -y chromium (.ci/run does this)"
+    return found
 
 
 @pytest.fixture(scope="session")

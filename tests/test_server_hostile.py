@@ -1,20 +1,18 @@
-"""Hostile input to `tunesmith deploy`, over real HTTP on loopback: malformed and oversized requests get one clear
-OpenAI-style JSON error (never a 500), clients that abandon a request stop its generation, and a bounded load test
-leaves the server answering correctly with its memory back near where it started."""
+"""Hostile input to `tunesmith deploy`, over real HTTP on loopback: malformed and oversized requests, and what a web
+page could make a browser send, get one clear OpenAI-style JSON error (never a 500), clients that abandon a request
+stop its generation, and a bounded load test leaves the server answering correctly with its memory back near where it
+started."""
 
+import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 
-from conftest import stop_process
+from conftest import deploy
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -24,17 +22,8 @@ HELLO = {"model": MODEL, "messages": [{"role": "user", "content": "What is the c
 
 @pytest.fixture(scope="module")
 def server():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "deploy", "--model", MODEL, "--port", "0",
-                             "--max_new_tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("deploy: http://127.0.0.1:"), line
-        port = int(line.rsplit(":", 1)[1].split("/")[0])
-        yield port, psutil.Process(proc.pid)
-    finally:
-        stop_process(proc)
+    with deploy("--model", MODEL, "--max_new_tokens", "16") as running:
+        yield running
 
 
 def raw(port, head: bytes, body: bytes = b"", timeout=60) -> tuple[int, bytes]:
@@ -49,8 +38,8 @@ def raw(port, head: bytes, body: bytes = b"", timeout=60) -> tuple[int, bytes]:
     return status, payload
 
 
-def post(port, path, body: bytes, extra: str = "", timeout=60) -> tuple[int, bytes]:
-    head = (f"POST /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+def post(port, path, body: bytes, extra: str = "", timeout=60, host="127.0.0.1") -> tuple[int, bytes]:
+    head = (f"POST /v1/{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode()
     return raw(port, head, body, timeout)
 
@@ -72,7 +61,7 @@ def abandon_stream(port, max_tokens=2000, path="chat/completions"):
                        **({"prompt": story} if path == "completions" else {"messages": [{"role": "user", "content": story}]})
                        }).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall((f"POST /v1/{path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall((f"POST /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
         data = b""
         while b"data: " not in data:
@@ -106,9 +95,13 @@ CASES = {  # kind -> (how to send it, the status a user must get, the error code
     "huge_seed": (lambda p: post_json(p, {**HELLO, "seed": 10**30}), 400, None),
     "many_stops": (lambda p: post_json(p, {**HELLO, "stop": [str(i) for i in range(1000)]}), 400, None),
     "huge_prompt": (lambda p: post(p, "completions", HUGE), 400, "context_length_exceeded"),
-    "oversized_body": (lambda p: raw(p, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                        b"Content-Length: 1000000000\r\n\r\n", b"{" * 1000), 413, "request_too_large"),
+    "oversized_body": (lambda p: raw(p, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                        b"Connection: close\r\nContent-Length: 1000000000\r\n\r\n", b"{" * 1000),
+                       413, "request_too_large"),
     "unknown_model": (lambda p: post_json(p, {**HELLO, "model": "nope"}), 404, "model_not_found"),
+    # what a web page could make a browser send: its own name resolving here (DNS rebinding), or a cross-site post
+    "rebinding_host": (lambda p: post_json(p, HELLO, host=f"attacker.example:{p}"), 403, "host_not_allowed"),
+    "other_origin": (lambda p: post_json(p, HELLO, extra="Origin: http://attacker.example\r\n"), 403, "origin_not_allowed"),
 }
 
 
@@ -124,6 +117,19 @@ def test_each_hostile_request_gets_one_clear_json_error(server, kind):
     assert took < 5, f"{kind} took {took:.1f} s"  # refused before generating (or tokenizing megabytes)
 
 
+def test_no_cors_headers_without_cors_origins(server):
+    port, _ = server
+    for method, headers in [("OPTIONS", {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}),
+                            ("GET", {})]:  # a browser's preflight is refused; an answer never invites one
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request(method, "/v1/models", headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        assert r.status == (403 if method == "OPTIONS" else 200)
+        assert not [h for h in r.headers if h.lower().startswith("access-control-")], r.headers
+
+
 def test_abandoned_requests_stop_generating(server):
     port, proc = server
     assert post_json(port, HELLO)[0] == 200  # warm
@@ -133,7 +139,7 @@ def test_abandoned_requests_stop_generating(server):
     # a plain (non-streaming) request whose client hangs up before the answer
     body = json.dumps({**HELLO, "max_tokens": 2000, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]})
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
         time.sleep(1)
     wait_idle(proc)
     status, payload = post_json(port, HELLO)

@@ -2,69 +2,26 @@
 headless Chromium (Playwright) — pick the small model and the built-in data, inspect it, train, watch the chart,
 reload, try a duplicate run from a second tab, stop with a checkpoint kept, and chat with base and tuned side by side."""
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import GUIDE_DATA, ROOT, stop_process
+from conftest import GUIDE_DATA, ROOT, call, chromium, stop_run, web_ui
 
 MODEL = "smollm2-135m"
 SCREENSHOT = ROOT / "docs" / "webui.png"
 
 
-@contextlib.contextmanager
-def web_ui(out: Path):
-    """`tunesmith web-ui --port 0` on `out`; yields its base URL."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # its runs inherit one thread each
-    with open(out.parent / "web-ui.log", "a") as log:  # its stderr, kept for a failing test's post-mortem
-        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "web-ui", "--port", "0", "--output_dir", out,
-                                 "--max_new_tokens", "24"], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        try:
-            line = proc.stdout.readline()
-            assert line.startswith("web-ui: http://127.0.0.1:"), line + (out.parent / "web-ui.log").read_text()
-            yield line.split(" ", 1)[1].strip().rstrip("/")
-        finally:
-            stop_process(proc)
-
-
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    """A running `tunesmith web-ui`; yields (base URL, its output dir)."""
+    """A running `tunesmith web-ui`; yields (the address it printed, with its token; its output dir)."""
     out = tmp_path_factory.mktemp("webui") / "output"
     try:
         with web_ui(out) as url:
             yield url, out
     finally:
         stop_run(out)
-
-
-def stop_run(out: Path) -> None:
-    """A run the page started lives in its own session: end it with the test."""
-    try:
-        pid = json.loads((out / "webui" / "run.json").read_text())["pid"]
-        psutil.Process(pid).send_signal(signal.SIGKILL)
-    except (FileNotFoundError, psutil.Error):
-        pass
-
-
-def call(url: str, body=None, method=None) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method or ("GET" if data is None else "POST"))
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_bad_input_gets_one_clear_line(webui):
@@ -82,30 +39,24 @@ def test_bad_input_gets_one_clear_line(webui):
         ("/api/nothing", {}, 404, "no such endpoint"),
     ]
     for path, body, status, words in cases:
-        code, answer = call(url + path, body)
+        code, answer = call(url, path, body)
         assert code == status and words in answer["error"]["message"], (path, code, answer)
         assert "Traceback" not in answer["error"]["message"]
-    code, answer = call(url + "/api/upload/../../evil.json", b"[]", "PUT")
+    code, answer = call(url, "/api/upload/../../evil.json", b"[]", "PUT")
     assert code in (400, 404)
-    code, answer = call(url + "/api/upload/notes.txt", b"hello", "PUT")
+    code, answer = call(url, "/api/upload/notes.txt", b"hello", "PUT")
     assert code == 400 and ".jsonl" in answer["error"]["message"]
 
 
 def test_upload_lands_in_the_command(webui):
     url, out = webui
     record = {"instruction": "Who are you?", "output": "A test model."}
-    code, answer = call(url + "/api/upload/mine.jsonl", (json.dumps(record) + "\n").encode(), "PUT")
+    code, answer = call(url, "/api/upload/mine.jsonl", (json.dumps(record) + "\n").encode(), "PUT")
     assert code == 200 and Path(answer["dataset"]) == out / "webui" / "uploads" / "mine.jsonl"
-    code, answer = call(url + "/api/command", {"model": MODEL, "dataset": answer["dataset"], "num_train_epochs": "3"})
+    code, answer = call(url, "/api/command", {"model": MODEL, "dataset": answer["dataset"], "num_train_epochs": "3"})
     assert code == 200
     assert answer["command"] == f"tunesmith sft --model {MODEL} --dataset {out}/webui/uploads/mine.jsonl --output_dir {out}"
-    assert call(url + "/api/setup")[1]["uploaded"] == [str(out / "webui" / "uploads" / "mine.jsonl")]
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "Chromium is missing: apt-get install -y chromium (.ci/run does this)"
-    return found
+    assert call(url, "/api/setup")[1]["uploaded"] == [str(out / "webui" / "uploads" / "mine.jsonl")]
 
 
 @pytest.mark.slow
@@ -166,14 +117,14 @@ def test_train_watch_stop_and_chat_in_a_real_browser(webui):
         expect(second.locator("#error")).to_contain_text("a run is already going")
         second.close()
         with web_ui(out) as restarted:  # another web-ui on the same folder (or this one restarted) knows the run too
-            assert call(restarted + "/api/run")[1]["status"] == "running"
-            code, answer = call(restarted + "/api/run", {"model": MODEL, "dataset": "self-cognition"})
+            assert call(restarted, "/api/run")[1]["status"] == "running"
+            code, answer = call(restarted, "/api/run", {"model": MODEL, "dataset": "self-cognition"})
             assert code == 409 and "a run is already going" in answer["error"]["message"]
         assert len(list(out.glob("v*-*"))) == 1
 
         page.click("#stop")
         expect(page.locator("#status")).to_have_text("stopped", timeout=60_000)
-        run = call(url + "/api/run")[1]
+        run = call(url, "/api/run")[1]
         ckpt = Path(run["checkpoint"])
         assert (ckpt / "adapter_model.safetensors").is_file() and ckpt.name == f"checkpoint-{run['step']}"
         expect(page.locator("#checkpoint")).to_have_value(str(ckpt))

@@ -281,6 +281,8 @@ class DeployArguments(InferArguments):
     served_model_name: Optional[str] = arg(None, "name of the base model in /v1/models (default: its alias or folder name)")
     max_new_tokens: int = arg(512, "longest answer when a request sets no max_tokens")
     log_interval: int = arg(0, "accepted for compatibility")
+    allowed_hosts: list[str] = arg([], "more names clients reach it by (Host header), besides loopback and --host; '*' any, '*.example.com' a domain")
+    cors_origins: list[str] = arg([], "web pages allowed to call it from a browser (CORS), e.g. http://localhost:3000; other pages get 403")
 
     def validate(self) -> None:
         BaseArguments.validate(self)
@@ -311,8 +313,10 @@ class EvalArguments(InferArguments):
 class WebUiArguments:
     """`tunesmith web-ui`: train and chat in the browser; the page runs the same `tunesmith sft` commands."""
 
-    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 serves the network: anyone who reaches it can train)")
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 serves the network: anyone with the printed token can train)")
     port: int = arg(7860, "port to listen on (0: any free port, printed at start)")
+    token: Optional[str] = arg(None, "the page's access token (default: a new random one each launch, printed in the URL); '' for none, on loopback only")
+    allowed_hosts: list[str] = arg([], "more names the page is opened by (Host header), besides loopback and --host; '*' any, '*.example.com' a domain")
     output_dir: str = arg("output", "where runs go (OUTPUT_DIR/vN-…, as sft) and the page's own files (OUTPUT_DIR/webui/)")
     model: Optional[str] = arg(None, "the model preselected on the page (default: the offline default, qwen2.5-0.5b)")
     device: str = arg("auto", "where chat runs: auto, cpu, cuda, cuda:N (training takes it from the form)")

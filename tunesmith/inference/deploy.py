@@ -12,11 +12,16 @@ per request. One generation runs at a time (a lock): on a CPU parallel generatio
 Hostile input: bodies above MAX_BODY get 413 before being read, prompts far beyond the context are refused after
 tokenizing a bounded prefix, at most MAX_WAITING generations run or wait (429 beyond), and a client that goes
 away (streaming or not) cancels its generation, also while it still waits for the lock.
+
+Next to a browser (BrowserGuard): a Host header that is not this server's (DNS rebinding) and a request from a web
+page of another origin get 403 before any endpoint runs; CORS headers only for the pages of --cors_origins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import socket
 import threading
@@ -25,12 +30,15 @@ import uuid
 import weakref
 from pathlib import Path
 from typing import Literal, Optional, Union
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..args import DeployArguments
 from ..errors import UserError
@@ -183,11 +191,111 @@ def json_errors(app: FastAPI) -> FastAPI:
     return app
 
 
-def build_app(engine: Engine, api_key: str | None) -> FastAPI:
+# ---------------------------------------------------------------------------------------------
+# Next to a browser: what a web page the user merely visits can send to a server on this machine
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "[::1]"}
+
+
+def host_name(host: str) -> str:
+    """A Host header (or an address) as a name without its port: 'LocalHost:8000' -> 'localhost', '[::1]:80' -> '[::1]'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return f"[{host}]" if host.count(":") > 1 else host.split(":")[0].rstrip(".")  # a bare IPv6 address: bracketed
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host_name(host) in LOOPBACK or ipaddress.ip_address(host_name(host).strip("[]")).is_loopback
+    except ValueError:  # a name
+        return False
+
+
+def allowed_hosts(host: str, extra: list[str]) -> set[str]:
+    """The names a Host header may carry: loopback, --host (every address of this machine for 0.0.0.0 and ::),
+    and --allowed_hosts."""
+    names = {*LOOPBACK, host_name(host), *map(host_name, extra)}
+    if host_name(host) in ("0.0.0.0", "[::]"):
+        import psutil
+
+        names |= {host_name(a.address.split("%")[0]) for addrs in psutil.net_if_addrs().values() for a in addrs
+                  if a.family in (socket.AF_INET, socket.AF_INET6)}
+    return names
+
+
+def check_origins(origins: list[str]) -> list[str]:
+    """--cors_origins as a browser sends Origin: scheme://host[:port], no path, no trailing slash."""
+    for o in origins:
+        parts = urlsplit(o)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+            raise UserError(f"--cors_origins {o}: expected an origin such as http://localhost:3000 (scheme, host and port)")
+    return [o.rstrip("/").lower() for o in origins]
+
+
+class BrowserGuard:
+    """ASGI middleware, outermost. Refuses with 403 what a web page on another site could make the user's browser
+    send: a Host that is none of `hosts` (DNS rebinding: the page's own name resolving to this machine, so that it
+    could read the answers), and an Origin that is neither this server's own nor one of `origins` (a cross-site
+    fetch or form post, which a browser sends without asking first). Clients other than browsers send no Origin."""
+
+    def __init__(self, app, hosts: set[str], origins: list[str], hint: str):
+        self.app, self.hosts, self.origins, self.hint = app, hosts, set(origins), hint
+
+    def host_allowed(self, host: str) -> bool:
+        name = host_name(host)
+        return bool(name) and ("*" in self.hosts or name in self.hosts
+                               or any(h.startswith("*.") and name.endswith(h[1:]) for h in self.hosts))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host, origin = headers.get("host", ""), headers.get("origin")
+            error = None
+            if not self.host_allowed(host):
+                said = f"the Host header '{host}' does not name this server" if host else "the request has no Host header"
+                error = ApiError(403, f"{said}; open it by 127.0.0.1 or localhost, or start it with --allowed_hosts "
+                                 f"{host_name(host) or 'NAME'}", code="host_not_allowed")
+            elif origin is not None and origin.lower() not in self.origins and not _same_origin(origin, host):
+                error = ApiError(403, f"a request from the web page at {origin} is refused (another origin); {self.hint}",
+                                 code="origin_not_allowed")
+            if error:
+                await JSONResponse(error.body, status_code=error.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower()
+
+
+def openapi_body(cls: type[BaseModel]) -> dict:
+    """`cls` as the operation's JSON body in /openapi.json (the endpoint parses the body itself: parse_request),
+    with its nested models written out in place."""
+    schema = cls.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def build_app(engine: Engine, args: DeployArguments) -> FastAPI:
     app = json_errors(FastAPI(title="tunesmith", docs_url=None, redoc_url=None))
+    origins = check_origins(args.cors_origins)
+    if origins:  # answers those pages' preflights and lets them read the answers; no CORS headers for anyone else
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(BrowserGuard, hosts=allowed_hosts(args.host, args.allowed_hosts), origins=origins,
+                       hint="name it in --cors_origins to serve that page")
+    expected = f"Bearer {args.api_key}".encode()
 
     def authorized(request: Request):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        if args.api_key and not hmac.compare_digest(sent, expected):  # in constant time: no guessing by timing
             raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
@@ -202,7 +310,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
              "root": engine.chat.model_name if name == engine.base else name, "max_model_len": engine.context}
             for name in engine.names]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], openapi_extra=openapi_body(ChatRequest))
     async def chat_completions(request: Request):
         req = await parse_request(request, ChatRequest)
         model = _served(engine, req.model)
@@ -223,7 +331,7 @@ def build_app(engine: Engine, api_key: str | None) -> FastAPI:
             "index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason,
             "logprobs": None}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request):
         req = await parse_request(request, CompletionRequest)
         model = _served(engine, req.model)
@@ -310,7 +418,10 @@ def generation_job(engine: Engine, req: Sampling, ids: list[int], max_tokens: in
         max_tokens = min(engine.chat.args.max_new_tokens, room)
     if room <= 0 or len(ids) + max_tokens > engine.context:
         raise _too_long(engine, len(ids), max_tokens)
-    return dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_list(),
+    temperature = req.temperature
+    if temperature is not None and temperature < 1e-5:  # greedy, as vLLM: dividing the logits by it would overflow
+        temperature = 0.0
+    return dict(max_new_tokens=max_tokens, temperature=temperature, top_p=req.top_p, stop=req.stop_list(),
                 seed=req.seed, strip=strip)
 
 
@@ -409,9 +520,10 @@ def serve_on(sock: socket.socket, app: FastAPI) -> None:
 
 
 def run(args: DeployArguments) -> int:
+    check_origins(args.cors_origins)  # a mistyped flag is said before the model loads
     sock = bind(args.host, args.port)
     engine = Engine(args)
-    app = build_app(engine, args.api_key)
+    app = build_app(engine, args)
     sock.listen(128)
     log(f"serving {', '.join(engine.names)} (context {engine.context} tokens)"
         + ("; API key required" if args.api_key else ""))

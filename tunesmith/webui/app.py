@@ -1,6 +1,6 @@
 """`tunesmith web-ui`: train and chat in the browser, through the same code paths as the command line.
 
-    tunesmith web-ui [--port 7860] [--output_dir output]      then open http://127.0.0.1:7860
+    tunesmith web-ui [--port 7860] [--output_dir output]      then open the printed http://127.0.0.1:7860/?token=…
 
 The page (tunesmith/webui/web/) fills a form generated from SftArguments, shows the `tunesmith sft …` command it
 stands for and runs exactly that command as a subprocess. Loss, progress and ETA come from the run's
@@ -8,14 +8,20 @@ logging.jsonl and progress bar. One run at a time per --output_dir: its pid is k
 so a reloaded page, a second tab or a restarted web-ui sees the run instead of starting another. Stop sends
 SIGINT: the run finishes its step and saves a checkpoint (guards.py). `data inspect` runs the same way. Chat
 loads base + adapter once (deploy's Engine) and streams base and tuned answers side by side.
+
+Next to a browser: deploy.BrowserGuard refuses other Host names (DNS rebinding) and requests from pages of another
+origin; every /api call needs the launch's token (printed in the URL, as notebook servers do) and every POST JSON, which
+neither a form nor a cross-site "simple" fetch can send.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -25,8 +31,9 @@ import time
 import typing
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -310,24 +317,44 @@ class WebChatRequest(ChatRequest):
 # The app
 
 
-def build_app(args: WebUiArguments) -> FastAPI:
+def api_guard(token: str):
+    """What every /api call needs besides BrowserGuard's checks: the launch's token (a page on another site cannot know
+    it; header X-Tunesmith-Token, or ?token= on a GET, as an EventSource cannot send headers) and JSON on every POST."""
+
+    def check(request: Request):
+        sent = request.headers.get("x-tunesmith-token") or (request.query_params.get("token", "")
+                                                             if request.method == "GET" else "")
+        if token and not hmac.compare_digest(sent.encode(), token.encode()):
+            raise ApiError(401, "missing or wrong token: open the address web-ui printed at start "
+                           "(http://HOST:PORT/?token=…)", code="invalid_token")
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and media_type != "application/json":
+            raise ApiError(415, "send the body as JSON, with the header Content-Type: application/json",
+                           code="unsupported_media_type")
+    return check
+
+
+def build_app(args: WebUiArguments, token: str) -> FastAPI:
     output_dir = writable_dir(args.output_dir)
     runs, chats = Runs(output_dir), Chats(args)
     uploads = output_dir / "webui" / "uploads"
     app = deploy.json_errors(FastAPI(title="tunesmith web-ui", docs_url=None, redoc_url=None))
+    app.add_middleware(deploy.BrowserGuard, hosts=deploy.allowed_hosts(args.host, args.allowed_hosts), origins=[],
+                       hint="use the page web-ui serves")
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    api = APIRouter(prefix="/api", dependencies=[Depends(api_guard(token))])
 
     @app.get("/")
     def page():
         return FileResponse(WEB / "index.html")
 
-    @app.get("/api/setup")
+    @api.get("/setup")
     def setup():
         """Everything the page needs to draw itself: models, datasets and the form."""
         return {"models": list(DEFAULT_MODELS), "model": args.model or DEFAULT_MODEL, "builtin": [next(iter(BUILTIN))],
                 "uploaded": _uploaded(uploads), "fields": form_fields(), "output_dir": str(output_dir)}
 
-    @app.put("/api/upload/{name}")
+    @api.put("/upload/{name}")
     async def upload(name: str, request: Request):
         if Path(name).name != name or not name.lower().endswith(UPLOAD_SUFFIXES) or name.startswith("."):
             raise ApiError(400, f"{name}: upload a {', '.join(UPLOAD_SUFFIXES)} file (alpaca, sharegpt, messages "
@@ -348,12 +375,12 @@ def build_app(args: WebUiArguments) -> FastAPI:
         tmp.replace(uploads / name)
         return {"dataset": str(uploads / name), "uploaded": _uploaded(uploads)}
 
-    @app.post("/api/command")
+    @api.post("/command")
     async def preview(request: Request):
         values = await _values(request)
         return {"command": shown(command("sft", {**values, "output_dir": str(output_dir)}))}
 
-    @app.post("/api/inspect")
+    @api.post("/inspect")
     async def inspect(request: Request):
         argv = command("data", {**await _values(request), "samples": "2"})
         proc = await run_in_threadpool(subprocess.run, [sys.executable, "-m", "tunesmith", *argv], capture_output=True,
@@ -363,26 +390,26 @@ def build_app(args: WebUiArguments) -> FastAPI:
             raise ApiError(400, (errors or ["data inspect failed"])[-1])
         return {"command": shown(argv), "output": proc.stdout}
 
-    @app.get("/api/run")
+    @api.get("/run")
     def status():
         return runs.status()
 
-    @app.post("/api/run")
+    @api.post("/run")
     async def start(request: Request):
         values = await _values(request)
         return runs.start(command("sft", {**values, "output_dir": str(output_dir)}))
 
-    @app.post("/api/run/stop")
+    @api.post("/run/stop")
     def stop():
         return runs.stop()
 
-    @app.get("/api/checkpoints")
+    @api.get("/checkpoints")
     def all_checkpoints():
         found = [c for run in sorted(output_dir.glob("v*-*"), key=lambda p: p.stat().st_mtime, reverse=True)
                  for c in reversed(checkpoints(run))]
         return {"checkpoints": [str(c) for c in found]}
 
-    @app.post("/api/chat")
+    @api.post("/chat")
     async def chat(request: Request):
         req = await deploy.parse_request(request, WebChatRequest)
         if req.model == "tuned" and not req.checkpoint:
@@ -399,6 +426,7 @@ def build_app(args: WebUiArguments) -> FastAPI:
         return StreamingResponse(deploy.sse_stream(engine, name, ids, job, req, chunk, lambda piece: {"content": piece},
                                             first={"role": "assistant", "content": ""}), media_type="text/event-stream")
 
+    app.include_router(api)
     return app
 
 
@@ -417,10 +445,15 @@ def _uploaded(folder: Path) -> list[str]:
 
 
 def run(args: WebUiArguments) -> int:
+    if args.token == "" and not deploy.is_loopback(args.host):
+        raise UserError(f"--token '' --host {args.host}: a page without a token is only allowed on loopback (127.0.0.1); "
+                        "drop --token for a random one, or give your own")
+    token = secrets.token_urlsafe(32) if args.token is None else args.token
     sock = deploy.bind(args.host, args.port)
-    app = build_app(args)
+    app = build_app(args, token)
     sock.listen(128)
-    print(f"web-ui: http://{args.host}:{sock.getsockname()[1]}/", flush=True)
+    print(f"web-ui: http://{args.host}:{sock.getsockname()[1]}/" + (f"?token={quote(token, safe='')}" if token else ""),
+          flush=True)
     log(f"runs go to {Path(args.output_dir).resolve()}; Ctrl-C stops the page, not a run it started")
     deploy.serve_on(sock, app)
     return 0

@@ -5,10 +5,26 @@ const $ = (id) => document.getElementById(id);
 let setup = null;
 const history = { base: [], tuned: [] };
 
+// The launch's token comes once in the address web-ui printed (/?token=…); the tab keeps it and the address bar drops
+// it. Every API call sends it: a page on another site cannot know it.
+const TOKEN = (() => {
+  const url = new URL(location.href);
+  if (url.searchParams.has("token")) {
+    sessionStorage.setItem("tunesmith-token", url.searchParams.get("token"));
+    url.searchParams.delete("token");
+    window.history.replaceState(null, "", url);
+  }
+  return sessionStorage.getItem("tunesmith-token") || "";
+})();
+
+function headers(json) {
+  return { "X-Tunesmith-Token": TOKEN, ...(json ? { "Content-Type": "application/json" } : {}) };
+}
+
 async function api(path, body, method) {
   const res = await fetch(path, {
     method: method || (body === undefined ? "GET" : "POST"),
-    headers: body instanceof Blob ? {} : { "Content-Type": "application/json" },
+    headers: headers(!(body instanceof Blob)),
     body: body === undefined ? undefined : body instanceof Blob ? body : JSON.stringify(body),
   });
   const data = await res.json().catch(() => ({ error: { message: `${res.status} ${res.statusText}` } }));
@@ -267,7 +283,7 @@ async function ask(side, question, checkpoint) {
   let text = "";
   try {
     const res = await fetch("/api/chat", {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers: headers(true),
       body: JSON.stringify({ model: side, messages: history[side], checkpoint: checkpoint || null,
         base_model: $("model").value.trim() || null, stream: true }),
     });
@@ -320,7 +336,12 @@ function clearChat() {
 }
 
 async function main() {
-  setup = await api("/api/setup");
+  try {
+    setup = await api("/api/setup");
+  } catch (e) {
+    showError(e.message); // e.g. no token: open the address web-ui printed
+    return;
+  }
   for (const m of setup.models) $("models").append(el("option", { value: m }));
   $("model").value = setup.model;
   drawDatasets();
