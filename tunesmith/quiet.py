@@ -25,8 +25,11 @@ class _DropBnbKernelsHubNotice(logging.Filter):
         return "kernels-community" not in record.getMessage()
 
 
+_BNB_FILTER = _DropBnbKernelsHubNotice()  # one instance: addFilter keeps it once, however often silence() runs
+
+
 def silence() -> None:
     for category, message in KNOWN:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends.cpu.ops"):
-        logging.getLogger(name).addFilter(_DropBnbKernelsHubNotice())
+    # a logger's filters see only the records made on it: the module that logs the notice
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BNB_FILTER)

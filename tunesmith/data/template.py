@@ -5,6 +5,7 @@ end-of-turn token (e.g. Qwen's <|im_end|>), so the tuned model learns to stop.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -69,6 +70,7 @@ class ChatTemplate:
         text = self.render(self.with_system(messages), add_generation_prompt=True, thinking=self.enable_thinking)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    @functools.cached_property
     def end_of_turn(self) -> str:
         """What the template writes after an answer (Qwen's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
         probe = self.render([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "tunesmith-probe"}])
@@ -98,17 +100,17 @@ class ChatTemplate:
         the last one (Qwen3 drops their reasoning) is followed by the end-of-turn token instead."""
         spans, follow = [], False
         for i in answers:
-            last = i == max(answers)
-            before = self.render(msgs[:i], add_generation_prompt=True, thinking=thinking if last else None) if i else ""
-            upto = self.render(msgs[: i + 1], thinking=thinking)
+            thinks = thinking if i == answers[-1] else None
+            before = self.render(msgs[:i], add_generation_prompt=True, thinking=thinks) if i else ""
             if not full.startswith(before):
                 raise UserError("this model's chat template renders a conversation differently from its parts; "
                                 "tunesmith cannot tell which tokens are the answer (try --model_type with a ChatML model)")
-            if not follow and full.startswith(upto):
+            upto = None if follow else self.render(msgs[: i + 1], thinking=thinking)
+            if upto is not None and full.startswith(upto):
                 spans.append((len(before), len(upto.rstrip())))  # the end-of-turn token counts, the newline after it not
                 continue
             follow = True
-            eot = self.end_of_turn()
+            eot = self.end_of_turn
             end = full.find(eot, len(before)) if eot else -1
             if end < 0:
                 raise UserError("this model's chat template renders a conversation differently from its parts; "
