@@ -44,7 +44,7 @@ JSON_COLUMNS = ("messages", "conversations", "history")  # csv cells holding JSO
 
 
 def _log(msg: str) -> None:
-    from ..models import log
+    from ..model.load import log
 
     log(msg)
 
@@ -442,7 +442,7 @@ def detect_form(record, where: str) -> str:
                        ("alpaca", ("instruction", "output")), ("query/response", ("query", "response"))):
         if any(k in record for k in keys):
             return form
-    fields = ", ".join(map(str, record)) or "none"
+    fields = ", ".join(json.dumps(k, ensure_ascii=False)[1:-1] for k in record) or "none"  # (a "\n" in a name stays on one line)
     raise UserError(f"{where}: unknown record form (fields: {fields}); expected messages, conversations, "
                     """instruction/output (alpaca) or query/response; rename fields with --columns '{"prompt": "query", ...}'""")
 
