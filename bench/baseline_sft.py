@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tunesmith import cli, fast  # noqa: E402
-from tunesmith.models import load_tokenizer, resolve_model  # noqa: E402
+from tunesmith import cli  # noqa: E402
+from tunesmith.engine import fast
+from tunesmith.model.load import load_tokenizer, resolve_model  # noqa: E402
 from tunesmith.data.template import IGNORE  # noqa: E402
 from tunesmith.data.cache import prepare  # noqa: E402
-from tunesmith.train import batch_windows  # noqa: E402
+from tunesmith.train.loop import batch_windows  # noqa: E402
 
 GiB = 2**30
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script
 
 
 def rows(samples, packed: bool, max_length: int):
@@ -55,12 +57,12 @@ def rows(samples, packed: bool, max_length: int):
 
 
 def batch_of(row):
-    ids = torch.tensor([[t for s in row for t in s.input_ids]], device="cuda")
-    labels = torch.tensor([[x for s in row for x in ([IGNORE] + s.labels[1:])]], device="cuda")
+    ids = torch.tensor([[t for s in row for t in s.input_ids]], device=DEVICE)
+    labels = torch.tensor([[x for s in row for x in ([IGNORE] + s.labels[1:])]], device=DEVICE)
     out = {"input_ids": ids, "labels": labels}
     if len(row) > 1:
         lengths = [len(s.input_ids) for s in row]
-        out["position_ids"] = torch.tensor([[p for n in lengths for p in range(n)]], device="cuda")
+        out["position_ids"] = torch.tensor([[p for n in lengths for p in range(n)]], device=DEVICE)
     return out
 
 
@@ -82,12 +84,13 @@ def main():
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": "cuda"})
-    if best:
+                                                 device_map={"": DEVICE})
+    if best and DEVICE == "cuda":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         fused_linear_cross_entropy=True, cross_entropy=False)
+    if best:
         fast.use_document_attention(model)  # per-sample attention over the packed row
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -98,7 +101,8 @@ def main():
                                   betas=(args.adam_beta1, args.adam_beta2), fused=True)
     model.train()
     windows = batch_windows(len(data), args.per_device_train_batch_size, accumulation, args.seed)
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     tokens, t_first, losses, error = 0, None, [], None
     try:
         for step in range(1, a.max_steps + 1):
@@ -116,7 +120,8 @@ def main():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
-            torch.cuda.synchronize()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             if step == 1:
                 t_first = time.time()
             else:
@@ -125,8 +130,8 @@ def main():
         error = "out of memory"
     seconds = time.time() - t_first if t_first else 0.0
     print(json.dumps({"engine": a.engine, "steps": len(losses), "tokens_per_s": round(tokens / seconds, 1) if tokens else None,
-                      "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 2),
-                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2),
+                      "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if DEVICE == "cuda" else None,
+                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2) if DEVICE == "cuda" else None,
                       "final_loss": round(losses[-1], 4) if losses else None, "error": error}), flush=True)
 
 

@@ -38,10 +38,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunesmith import fast  # noqa: E402
+from tunesmith.engine import fast  # noqa: E402
 from tunesmith.args import SftArguments  # noqa: E402
 from tunesmith.data.template import IGNORE, Encoded  # noqa: E402
-from tunesmith.train import add_lora, build_optimizer, loss_of, micro_batches, prepare_model  # noqa: E402
+from tunesmith.train.loop import add_lora, build_optimizer, loss_of, micro_batches, prepare_model  # noqa: E402
 
 from make_qwen7b import QWEN25_7B  # noqa: E402
 
@@ -110,7 +110,7 @@ class Engine:
         else:
             self.model = prepare_model(base, args, "cuda", longest_row=max_length, memory_budget=budget)
         if kind == "tsgraph":
-            from tunesmith.graphs import GraphedRows, usable
+            from tunesmith.engine.cuda_graphs import GraphedRows, usable
 
             assert usable(self.model, "cuda"), "CUDA graphs need lean LoRA and Triton"
             self.graphed = GraphedRows(self.model, lambda batch: loss_of(self.model, batch))

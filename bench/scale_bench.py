@@ -35,9 +35,9 @@ def memory(a) -> None:
     import torch
 
     from bench_lora import chat_samples, lora_args
-    from tunesmith import planner
-    from tunesmith.models import load_model
-    from tunesmith.train import build_optimizer, loss_of, micro_batches, prepare_model
+    from tunesmith.train import planner
+    from tunesmith.model.load import load_model
+    from tunesmith.train.loop import build_optimizer, loss_of, micro_batches, prepare_model
 
     torch.cuda.init()
     t = time.time()

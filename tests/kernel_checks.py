@@ -1,4 +1,4 @@
-"""Checks of tunesmith.kernels against plain torch, on whatever device is given (CUDA, or the CPU
+"""Checks of tunesmith.engine.kernels against plain torch, on whatever device is given (CUDA, or the CPU
 under TRITON_INTERPRET=1). Run by tests/test_fast.py on the CPU and by bench/ on a GPU.
 
     python tests/kernel_checks.py cpu|cuda
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from tunesmith import kernels
+from tunesmith.engine import kernels
 
 
 def run(device: str) -> None:
@@ -103,7 +103,7 @@ def norm_and_rope(device: str) -> None:
 
 def lean_layers(device: str) -> None:
     """LoraLinear and SwigluLoraDown (the kernels' users) against autograd on the same dropout masks."""
-    from tunesmith.lean_lora import LoraLinear, SwigluLoraDown, _dropout, begin_forward
+    from tunesmith.engine.lora_linear import LoraLinear, SwigluLoraDown, _dropout, begin_forward
 
     torch.manual_seed(1)
     p, seed, scale = 0.2, 4242, 0.7  # (seed: the projection's offset from the pass's seed)

@@ -164,7 +164,7 @@ def test_bad_csv_and_parquet_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok(default_model):
-    from tunesmith.models import load_tokenizer
+    from tunesmith.model.load import load_tokenizer
 
     return load_tokenizer(default_model)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from tunesmith import fast
+from tunesmith.engine import fast
 from tunesmith.args import SftArguments
 from tunesmith.data.template import IGNORE, Encoded
-from tunesmith.train import add_lora, loss_of, micro_batches
+from tunesmith.train.loop import add_lora, loss_of, micro_batches
 
 from numerics import assert_close_up_to_summation_order, assert_same_bits, summation_tolerance
 
@@ -141,10 +141,10 @@ def lean_and_peft(tiny, dropout):
 
 def test_lean_lora_computes_what_peft_computes(tiny):
     """Same loss and the same gradient for every adapter tensor (dropout 0, float32)."""
-    from tunesmith import lean_lora
+    from tunesmith.engine import lora_linear
 
     peft_model, lean, args = lean_and_peft(tiny, 0.0)
-    assert lean_lora.use_lean_lora(lean) == 3 * 7  # q k v o gate up down in each of 3 layers
+    assert lora_linear.use_lean_lora(lean) == 3 * 7  # q k v o gate up down in each of 3 layers
     data = samples()
     grads = []
     for m in (peft_model, lean):
@@ -161,7 +161,7 @@ def test_lean_lora_computes_what_peft_computes(tiny):
 
 def test_lean_lora_gradients_with_dropout_are_exact():
     """The dropout mask is drawn again in backward, not stored: numerical and analytic gradients agree."""
-    from tunesmith.lean_lora import LoraLinear, SwigluLoraDown
+    from tunesmith.engine.lora_linear import LoraLinear, SwigluLoraDown
 
     torch.manual_seed(0)
     d = dict(dtype=torch.float64)
@@ -178,10 +178,10 @@ def test_lean_lora_gradients_with_dropout_are_exact():
 
 def test_lean_lora_with_dropout_and_checkpointing_repeats_the_masks(tiny):
     """A checkpointed layer recomputed in backward draws the same dropout masks as its first forward."""
-    from tunesmith import lean_lora
+    from tunesmith.engine import lora_linear
 
     _, lean, args = lean_and_peft(tiny, 0.3)
-    lean_lora.use_lean_lora(lean)
+    lora_linear.use_lean_lora(lean)
     data = samples()
     results = []
     for share in (0.0, 1.0):
@@ -217,16 +217,16 @@ def test_triton_kernels_match_plain_torch():
 def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
     """CUDA graphs replay fixed-size rows: the spare tokens, sample slots and loss slots that pad a
     row to its bucket change neither the loss nor any gradient (checked on the CPU)."""
-    from tunesmith import graphs, lean_lora
+    from tunesmith.engine import cuda_graphs, lora_linear
 
     args = SftArguments(dataset=["x"], lora_dropout=0.0)
     torch.manual_seed(0)
     m = add_lora(copy.deepcopy(tiny), args)
-    lean_lora.use_lean_lora(m)
+    lora_linear.use_lean_lora(m)
     fast.use_document_attention(m.get_base_model())
     (batch,) = list(micro_batches(samples(4), args, "cpu"))
-    rows = graphs.GraphedRows(m, lambda b: loss_of(m, b))
-    length, slots = graphs.shape_of(batch)  # (the graph's longest sample is its row length)
+    rows = cuda_graphs.GraphedRows(m, lambda b: loss_of(m, b))
+    length, slots = cuda_graphs.shape_of(batch)  # (the graph's longest sample is its row length)
     assert slots >= len(batch["cu_seq_lens_q"]) and length >= batch["max_length_q"]
     static = rows._static((length + 16, slots), "cpu")
     rows._fill(static, batch)
@@ -244,7 +244,7 @@ def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
 
 def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
     """Summed loss and LoRA gradients of one packed row, the pass's dropout seed fixed."""
-    from tunesmith import lean_layer, lean_lora
+    from tunesmith.engine import decoder_layer, lora_linear
 
     args = SftArguments(dataset=["x"], lora_dropout=dropout)
     torch.manual_seed(0)
@@ -254,14 +254,14 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
             torch.nn.init.normal_(p, std=0.1)
     fast.use_document_attention(m.get_base_model())
     if lean:
-        lean_lora.use_lean_lora(m)
+        lora_linear.use_lean_lora(m)
     if layers:
-        assert lean_layer.use_lean_layers(m) == len(fast.decoder_layers(m))
+        assert decoder_layer.use_lean_layers(m) == len(fast.decoder_layers(m))
         for layer in fast.decoder_layers(m):
             layer._tunesmith_recompute = level
     fast.checkpoint_layers(m, share, preserve_rng=False)
     (batch,) = list(micro_batches(samples(), args, "cpu"))
-    lean_lora._forward_seed[torch.device("cpu")] = 12345  # what begin_forward would draw
+    lora_linear._forward_seed[torch.device("cpu")] = 12345  # what begin_forward would draw
     hidden = m.get_base_model().get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                               cu_seq_lens_q=batch["cu_seq_lens_q"], max_length_q=batch["max_length_q"],
                                               use_cache=False).last_hidden_state

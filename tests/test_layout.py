@@ -13,9 +13,11 @@ FLOORS = {
     "webui.app": 6,  # builds and checks `tunesmith sft` command lines with cli's parser
     "inference.infer": 4, "inference.deploy": 4, "inference.evaluate": 4, "export.merge": 4, "export.gguf": 4,
     "data.inspect": 4,
-    "train": 3, "distributed": 3, "planner": 3, "checkpoint": 3, "resume": 3, "guards": 3,
-    "fast": 2, "lean_layer": 2, "lean_lora": 2, "kernels": 2, "triton_lora": 2, "graphs": 2,  # engine
-    "models": 2, "preload": 2,  # model
+    "train.loop": 3, "train.distributed": 3, "train.planner": 3, "train.checkpoint": 3, "train.resume": 3,
+    "train.stopping": 3,
+    "engine.fast": 2, "engine.decoder_layer": 2, "engine.lora_linear": 2, "engine.kernels": 2,
+    "engine.triton_lora": 2, "engine.cuda_graphs": 2,
+    "model.load": 2, "model.preload": 2,
     "data.sources": 2, "data.template": 2, "data.cache": 2,  # data
     "args": 1, "errors": 1, "quiet": 1,  # core
 }

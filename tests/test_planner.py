@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import GUIDE_DATA, tunesmith
-from tunesmith import planner
+from tunesmith.train import planner
 from tunesmith.args import SftArguments
 from tunesmith.errors import UserError
 
@@ -52,7 +52,7 @@ def test_estimate_matches_h100_measurements_on_lean_layers(qwen7b, tokens, check
 def test_lean_layers_recompute_before_checkpointing(qwen7b):
     """With too little memory for everything, sft first recomputes `up` (then `gate`) in backward, one matmul a
     layer, and checkpoints whole layers only when that is not enough."""
-    from tunesmith import fast
+    from tunesmith.engine import fast
 
     widths = fast.lean_layer_widths(3584, 18944, 28, 4, 128)
     unit = 3584 * 2 * 2048

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith import preload
-from tunesmith.models import from_tensors, load_model
+from tunesmith.model import preload
+from tunesmith.model.load import from_tensors, load_model
 
 
 @pytest.fixture(scope="module")

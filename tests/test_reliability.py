@@ -142,7 +142,7 @@ def test_sigterm_saves_and_exits_143(tmp_path):
 
 
 def test_second_ctrl_c_stops_at_once_and_leaves_only_complete_checkpoints(tmp_path):
-    from tunesmith.checkpoint import checkpoint_problem
+    from tunesmith.train.checkpoint import checkpoint_problem
 
     out, data = tmp_path / "out", tmp_path / "data.json"
     shutil.copy(GUIDE_DATA, data)

@@ -134,7 +134,7 @@ def test_gguf_llama_architecture_round_trips(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from tunesmith.models import CHATML
+    from tunesmith.model.load import CHATML
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -22,7 +22,7 @@ from . import quiet
 from .errors import UserError
 
 COMMANDS = {
-    "sft": ("SftArguments", "tunesmith.train", "train a LoRA adapter on your data"),
+    "sft": ("SftArguments", "tunesmith.train.loop", "train a LoRA adapter on your data"),
     "infer": ("InferArguments", "tunesmith.inference.infer", "chat with a base model or a tuned adapter"),
     "data": ("InspectArguments", "tunesmith.data.inspect",
              "`data inspect DATASET...`: counts, token lengths and the loss mask, before training"),
@@ -205,13 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(command, rest)
         if command == "sft" and not args.dry_run:
-            from .distributed import relaunch
+            from .train.distributed import relaunch
 
             code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
             if code is not None:
                 return code
         if hasattr(args, "model") and command in ("sft", "infer") and os.environ.get("TUNESMITH_NO_PREFETCH") != "1":
-            from . import preload
+            from .model import preload
 
             preload.prefetch(args.model)  # overlaps reading the weights with the imports below
             if command == "sft" and not args.dry_run:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][1])
         return module.run(args) or 0
     except UserError as e:
-        from .models import first_process
+        from .model.load import first_process
 
         if first_process():  # under torchrun every rank fails alike; one line is enough
             print(f"tunesmith {command}: error: {e}", file=sys.stderr)

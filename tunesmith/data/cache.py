@@ -28,7 +28,7 @@ import numpy as np
 
 from .sources import Source, open_sources, parse_columns, split
 from ..errors import UserError
-from ..models import cache_root, log
+from ..model.load import cache_root, log
 from .template import IGNORE, ChatTemplate, Encoded
 
 VERSION = 1  # bump when the stored layout or the tokenization changes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..args import InspectArguments
-from ..models import load_tokenizer, resolve_model
+from ..model.load import load_tokenizer, resolve_model
 from .cache import NO_LOSS, TOO_LONG, prepare
 
 OPEN, CLOSE = "[[", "]]"

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 from ..args import EvalArguments
-from ..checkpoint import writable_dir
+from ..train.checkpoint import writable_dir
 from ..errors import UserError
 from .infer import load_chat
-from ..models import log
+from ..model.load import log
 
 # Identity questions, in and beyond the guide's 8 records, in Chinese and English; then general knowledge,
 # each with the keyword a right answer contains, so forgetting shows.

@@ -41,12 +41,12 @@ from starlette.concurrency import run_in_threadpool
 from .. import cli
 from ..inference import deploy
 from ..args import DeployArguments, InspectArguments, SftArguments, WebUiArguments
-from ..checkpoint import checkpoints, writable_dir
+from ..train.checkpoint import checkpoints, writable_dir
 from ..data.sources import BUILTIN, check_local
 from ..errors import UserError
-from ..models import DEFAULT_MODEL, DEFAULT_MODELS, log
+from ..model.load import DEFAULT_MODEL, DEFAULT_MODELS, log
 from ..inference.deploy import ApiError, ChatRequest
-from ..train import _hms
+from ..train.loop import _hms
 
 WEB = Path(__file__).parent / "web"
 # The guide's settings (examples/guide.sh): the form starts from these, not from the dataclass defaults.

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import checkpoint_problem, checkpoints, new_run_dir
-from .errors import UserError
-from .models import log
+from ..errors import UserError
+from ..model.load import log
 
 # Flags that may change on resume: where things are written, how often, and how memory is used.
 # Everything else changes what the run computes, so a resume with another value is refused.
@@ -95,7 +95,7 @@ def check_same_run(ckpt: Path, args, fingerprint: str, world: int = 1) -> dict:
             continue
         before = saved[name]
         if name == "gradient_accumulation_steps":  # compare what is used, not how it was spelled
-            from .args import SftArguments
+            from ..args import SftArguments
 
             before = SftArguments(**{**vars(args), name: before}).effective_accumulation(world)
             now = args.effective_accumulation(world)

@@ -16,7 +16,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 LAUNCHER_ENV = {"NPROC_PER_NODE": "--nproc_per_node", "NNODES": "--nnodes", "NODE_RANK": "--node_rank",
                 "MASTER_ADDR": "--master_addr", "MASTER_PORT": "--master_port"}
@@ -111,7 +111,7 @@ class Parallel:
         import torch
 
         if not self.active:
-            from .models import pick_device
+            from ..model.load import pick_device
 
             return pick_device(requested)
         if requested not in ("auto", "cuda") and requested != f"cuda:{self.local_rank}" and requested != "cpu":
@@ -208,7 +208,7 @@ class Parallel:
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            from .fast import decoder_layers
+            from ..engine.fast import decoder_layers
 
             for layer in decoder_layers(model):
                 fully_shard(layer)
@@ -261,7 +261,7 @@ def setup(args) -> Parallel:
     """Join the process group when launched by torchrun: NCCL on GPUs, gloo on CPUs."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         if args.fsdp:
-            from .models import log
+            from ..model.load import log
 
             log("--fsdp has no effect in a single process; launch several with NPROC_PER_NODE=N or torchrun")
         return Parallel(fsdp=False)
@@ -289,7 +289,7 @@ def setup(args) -> Parallel:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     if rank == 0:
-        from .models import log
+        from ..model.load import log
 
         nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         log(f"{world} processes ({nodes} node(s)), {'NCCL on GPUs' if cuda else 'gloo on CPUs'}: "

@@ -58,7 +58,7 @@ def varlen_attention(q, k, v, bounds, longest: int | None, scale=None):
             return FlashVarlen.apply(q, k, v, bounds, int(longest), scale)
         except (RuntimeError, TypeError, NotImplementedError) as e:  # a build without flash kernels
             _varlen_failed = True
-            from .models import log
+            from ..model.load import log
 
             log(f"flash attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, d]
@@ -203,7 +203,7 @@ def apply_liger(model, swiglu: bool = True) -> list[str]:
     try:
         patch(model=model, rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False)
     except Exception as e:  # an unsupported combination: stay on the plain path
-        from .models import log
+        from ..model.load import log
 
         log(f"Liger kernels not applied ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return []
@@ -251,7 +251,7 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     pass fit: in `budget` bytes of GPU memory in all, or else in 85% of what is free now, less
     `reserve` bytes (the loss's logits: planner.loss_bytes) and the adapter's gradients and AdamW
     states (checkpointing costs a second forward of those layers)."""
-    from .models import log
+    from ..model.load import log
 
     if not tokens or not torch.cuda.is_available():
         return 1.0
@@ -310,7 +310,7 @@ def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None 
     """For a model on lean decoder layers: the least recompute that fits the activations of `tokens`
     tokens in `budget` bytes in all (else 85% of what is free now), less `reserve` (the loss) and the
     adapter's gradients and AdamW states. Returns (recompute level per layer, how many layers to checkpoint)."""
-    from .models import log
+    from ..model.load import log
 
     n = len(decoder_layers(model))
     if not tokens or not torch.cuda.is_available():

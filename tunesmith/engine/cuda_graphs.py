@@ -6,7 +6,7 @@ the smallest captured length that holds it (a multiple of BUCKET tokens) and a n
 slots (a power of two, at least 8): flash attention's grid is sized by the slots, so one graph for
 64 slots would run ~8x the attention blocks of a row of 7 samples. The spare tokens form one more
 sample with no loss, spare sample slots are empty (zero-length), spare loss slots have no target.
-The pass's dropout seed lives on the device (lean_lora.begin_forward), so every replay draws new masks.
+The pass's dropout seed lives on the device (lora_linear.begin_forward), so every replay draws new masks.
 
 Used only where it is safe: CUDA, lean LoRA on every projection, Triton available. Anything
 else, or a row with more samples than MAX_SAMPLES, runs eagerly.
@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from . import lean_lora
+from . import lora_linear
 from .kernels import next_pow2
-from .models import log
+from ..model.load import log
 
 BUCKET = 256
 MAX_SAMPLES = 64
@@ -94,7 +94,7 @@ class GraphedRows:
     def _capture(self, shape: tuple, batch: dict):
         static = self._static(shape, batch["input_ids"].device)
         self._fill(static, batch)
-        seed = lean_lora.seed_state(batch["input_ids"].device)
+        seed = lora_linear.seed_state(batch["input_ids"].device)
         seed_before = seed.clone() if seed is not None else None
         if self.pool is None:  # a warm-up pass on a side stream before the first capture, as capture wants
             torch.cuda.synchronize()
@@ -153,7 +153,7 @@ class GraphedRows:
             return None
         saved = [p.grad for p in self.params]
         device = rows[0]["input_ids"].device
-        seed = lean_lora.seed_state(device)
+        seed = lora_linear.seed_state(device)
         seed_before = seed.clone() if seed is not None else None
         try:
             if len(rows) == 1:
@@ -237,6 +237,6 @@ _captures = 0
 
 def usable(model, device) -> bool:
     """CUDA, Triton, and every LoRA projection on the lean path (its dropout seeded from the device)."""
-    from . import kernels, lean_lora
+    from . import kernels, lora_linear
 
-    return str(device).startswith("cuda") and kernels.available() and lean_lora.all_lean(model)
+    return str(device).startswith("cuda") and kernels.available() and lora_linear.all_lean(model)

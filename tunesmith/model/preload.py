@@ -30,7 +30,7 @@ _stager: Stager | None = None
 
 def model_files(name: str | None) -> list[Path]:
     """The safetensors files of a local folder or an already converted default model (else none)."""
-    from .models import ALIASES, DEFAULT_MODEL, DEFAULT_MODELS, _is_complete, cache_root
+    from .load import ALIASES, DEFAULT_MODEL, DEFAULT_MODELS, _is_complete, cache_root
 
     name = name or DEFAULT_MODEL
     folder = Path(name).expanduser()
@@ -87,7 +87,7 @@ def stage(args) -> None:
         return  # no NVIDIA driver here: not worth a thread importing torch
     if args.quant_bits is not None or args.fsdp or not (args.device in ("auto", "cuda") or args.device.startswith("cuda:")):
         return
-    from .args import normalize_dtype
+    from ..args import normalize_dtype
 
     dtype = normalize_dtype(args.torch_dtype)
     files = model_files(args.model)
@@ -101,7 +101,7 @@ def _warm_triton() -> None:
     """Import Triton and our kernels, and let Triton hash its own library (its cache key; ~0.5 s, mostly
     outside the GIL), so the first training step does not wait for them."""
     try:
-        from . import kernels
+        from ..engine import kernels
 
         kernels._lora_kernels()
         try:

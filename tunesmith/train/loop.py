@@ -23,15 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from . import distributed, fast, graphs, lean_layer, lean_lora, planner, resume
-from .args import SftArguments, args_dict, save_args
+from . import distributed, planner, resume
+from ..engine import fast, cuda_graphs, decoder_layer, lora_linear
+from ..args import SftArguments, args_dict, save_args
 from .checkpoint import new_run_dir, save_checkpoint
-from .data.sources import check_local
-from .errors import UserError
-from .guards import NonFinite, StopSignals
-from .models import load_config, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
-from .data.template import IGNORE, ChatTemplate, Encoded
-from .data.cache import prepare
+from ..data.sources import check_local
+from ..errors import UserError
+from .stopping import NonFinite, StopSignals
+from ..model.load import load_config, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
+from ..data.template import IGNORE, ChatTemplate, Encoded
+from ..data.cache import prepare
 
 MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarely takes (see run_plan)
 
@@ -88,8 +89,8 @@ def run(args: SftArguments) -> int:
     model = prepare_model(model, args, device, longest_row=longest_row)
     forward = par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
     graphed = None
-    if args.cuda_graphs and not par.active and graphs.usable(model, device):
-        graphed = graphs.GraphedRows(model, forward)
+    if args.cuda_graphs and not par.active and cuda_graphs.usable(model, device):
+        graphed = cuda_graphs.GraphedRows(model, forward)
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
     run_dir = None
     if ckpt:
@@ -159,17 +160,17 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         notes.append("packed windows with per-sample attention")
     layers = fast.decoder_layers(model)
     lean_layers = planner.lean_layers_apply(args, getattr(model.config, "model_type", "")) and all(
-        lean_layer.supported(layer) for layer in layers)
+        decoder_layer.supported(layer) for layer in layers)
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = fast.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
     model = add_lora(model, args)
     lean = False
     if args.lean_lora:
-        n = lean_lora.use_lean_lora(model)
+        n = lora_linear.use_lean_lora(model)
         notes += [f"lean LoRA on {n} projections"] if n else []
-        lean = lean_lora.all_lean(model)
-        lean_layers = lean_layers and lean_layer.use_lean_layers(model)
+        lean = lora_linear.all_lean(model)
+        lean_layers = lean_layers and decoder_layer.use_lean_layers(model)
         notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
     levels = [0] * len(layers)  # recompute levels of the lean layers (plan_memory's, where memory is short)
     share = args.gradient_checkpointing
@@ -254,7 +255,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
         marks=None, state=None, par=None, forward=None, graphed=None) -> dict:
     """Train from step state["global_step"] + 1 (0 for a new run) to max_steps.
     `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss;
-    `graphed` (graphs.py): replays each packed row from a CUDA graph where it can."""
+    `graphed` (cuda_graphs.py): replays each packed row from a CUDA graph where it can."""
     from tqdm import tqdm
 
     par = par or distributed.Parallel()
@@ -479,7 +480,7 @@ def loss_of(model, batch) -> "torch.Tensor":
     """Summed cross-entropy over answer tokens. The vocabulary projection runs only where there is
     loss, in chunks that are recomputed in backward, so the [tokens, vocab] logits never exist."""
     base = model.get_base_model()
-    lean_lora.begin_forward(batch["input_ids"].device)  # this pass's dropout masks
+    lora_linear.begin_forward(batch["input_ids"].device)  # this pass's dropout masks
     extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in batch}
     with fast.mixed_precision(model, base.dtype, batch["input_ids"].device):
         out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 GiB = 2**30
 CONTEXT = 0.75 * GiB  # CUDA context + cuBLAS/flash workspaces; not counted by torch's allocator
@@ -104,7 +104,7 @@ class Settings:
 def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     """Bytes per GPU by component, and `total` (what the card must hold). `card` (free bytes) lets
     `checkpointed=None` pick the layers as `sft` will (fast.fewest_checkpointed)."""
-    from . import fast
+    from ..engine import fast
 
     linear = shape.layers * shape.layer_linear_params
     other = shape.layers * shape.layer_other_params + shape.outer_params
@@ -151,7 +151,7 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
 def loss_bytes(vocab: int, hidden: int, loss_tokens: int, elt: int) -> int:
     """The loss at answer positions (fast.linear_cross_entropy): one chunk of float32 logits (and
     its half-precision softmax gradient) at a time, plus the gathered hidden states and their gradient."""
-    from . import fast
+    from ..engine import fast
 
     rows = min(max(1, loss_tokens), fast.loss_chunk_rows(vocab))
     return (4 + elt) * rows * vocab + 2 * loss_tokens * hidden * elt
@@ -174,7 +174,7 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
 
 def lean_layers_apply(args, model_type: str) -> bool:
     """Whether `sft` ARGS run a model of this type on lean decoder layers (train.prepare_model decides the same)."""
-    from .lean_layer import ARCHITECTURES
+    from ..engine.decoder_layer import ARCHITECTURES
 
     return bool(args.lean_lora and args.packing_window and not args.quant_method
                 and list(args.target_modules) == ["all-linear"] and model_type in ARCHITECTURES)
@@ -215,7 +215,7 @@ def _gib(x: float) -> str:
 
 def dry_run(args, world: int = 1) -> int:
     """`sft --dry_run`: the table of memory per GPU, and what fits the detected card (or common ones)."""
-    from .models import resolve_model
+    from ..model.load import resolve_model
 
     if world == 1:
         from .distributed import requested_world
@@ -286,7 +286,7 @@ def check_fits(args, model_path: Path, longest_row: int, device: str, world: int
     Conservative in one way only: every token of the longest forward pass is counted as an answer token."""
     if not device.startswith("cuda"):
         return
-    from . import preload
+    from ..model import preload
 
     staged = preload.staged_bytes()  # weights already copied to the GPU count as free: they are the model's
     card = detected_card()
@@ -297,7 +297,7 @@ def check_fits(args, model_path: Path, longest_row: int, device: str, world: int
     s = settings_for(args, shape, longest_row, world)
     est = estimate(shape, s, card[2])
     if est["total"] <= card[2]:
-        from .models import log
+        from ..model.load import log
 
         log(f"memory plan: ~{_gib(est['total'])} GiB per GPU at most ({longest_row}-token forward passes; "
             f"{card[0]} has {_gib(card[2])} GiB free)")

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"

@@ -13,8 +13,8 @@ import math
 import os
 import signal
 
-from .errors import UserError
-from .models import log
+from ..errors import UserError
+from ..model.load import log
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast, kernels
-from .lean_lora import is_lora_linear, keep_mask, lora_parts, pass_seed
+from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
 ARCHITECTURES = ("qwen2", "llama", "mistral")

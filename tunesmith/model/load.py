@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import preload
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_MODEL = "qwen2.5-0.5b"
 
@@ -277,7 +277,7 @@ def pick_dtype(name: str, device: str):
     """--torch_dtype on this device. bf16/fp16 matmuls on a CPU are many times slower: compute in float32."""
     import torch
 
-    from .args import normalize_dtype
+    from ..args import normalize_dtype
 
     name = normalize_dtype(name)
     if device.startswith("cuda"):
