@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from tunesmith import cli  # noqa: E402
-from tunesmith.engine import fast
-from tunesmith.model.load import load_tokenizer, resolve_model  # noqa: E402
+from tunesmith.engine import attention
+from tunesmith.model.load import load_tokenizer  # noqa: E402
+from tunesmith.model.resolve import resolve_model
 from tunesmith.data.template import IGNORE  # noqa: E402
 from tunesmith.data.cache import prepare  # noqa: E402
-from tunesmith.train.loop import batch_windows  # noqa: E402
+from tunesmith.train.batches import batch_windows  # noqa: E402
 
 GiB = 2**30
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script
@@ -91,7 +92,7 @@ def main():
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         fused_linear_cross_entropy=True, cross_entropy=False)
     if best:
-        fast.use_document_attention(model)  # per-sample attention over the packed row
+        attention.use_document_attention(model)  # per-sample attention over the packed row
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

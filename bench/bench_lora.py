@@ -38,10 +38,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunesmith.engine import fast  # noqa: E402
 from tunesmith.args import SftArguments  # noqa: E402
 from tunesmith.data.template import IGNORE, Encoded  # noqa: E402
-from tunesmith.train.loop import add_lora, build_optimizer, loss_of, micro_batches, prepare_model  # noqa: E402
+from tunesmith.train.recipe import add_lora, build_optimizer, prepare_model  # noqa: E402
+from tunesmith.train.batches import loss_of, micro_batches
 
 from make_qwen7b import QWEN25_7B  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lora import Engine, build_model, chat_samples  # noqa: E402
-from tunesmith.train.loop import loss_of, micro_batches  # noqa: E402
+from tunesmith.train.batches import loss_of, micro_batches  # noqa: E402
 
 
 def main():

@@ -37,7 +37,8 @@ def memory(a) -> None:
     from bench_lora import chat_samples, lora_args
     from tunesmith.train import planner
     from tunesmith.model.load import load_model
-    from tunesmith.train.loop import build_optimizer, loss_of, micro_batches, prepare_model
+    from tunesmith.train.recipe import build_optimizer, prepare_model
+    from tunesmith.train.batches import loss_of, micro_batches
 
     torch.cuda.init()
     t = time.time()

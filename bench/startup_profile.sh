@@ -30,7 +30,7 @@ evict; /usr/bin/time -f "read (cold) %e s" cat $M/*.safetensors > /dev/null
 [ "${STARTUP_READERS:-0}" = 1 ] && for n in 1 2 4 8; do  # the prefetch alone, with n reader threads
   evict; python3 -c "
 import threading, time
-from tunesmith import preload
+from tunesmith.model import preload
 t = time.time(); preload.prefetch('$M', readers=$n)
 [th.join() for th in threading.enumerate() if th.name.startswith('tunesmith-prefetch')]
 print(f'read (cold) by preload.prefetch with $n readers: {time.time() - t:.2f} s')"
@@ -56,7 +56,7 @@ python3 - <<PY
 import time, torch
 from pathlib import Path
 from safetensors.torch import load_file
-from tunesmith import preload
+from tunesmith.model import preload
 files = sorted(Path("$M").glob("*.safetensors"))
 t = time.time(); staged = preload.read_into(files, "cuda", torch.bfloat16); torch.cuda.synchronize()
 print(f"staged {len(staged)} tensors (files cached) in {time.time() - t:.1f} s")

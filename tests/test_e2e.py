@@ -130,7 +130,7 @@ def test_checkpoint_rotation_validation_and_the_step_warning(tmp_path, default_m
 
 def test_step_plan_warns_about_the_guides_trap():
     from tunesmith.args import SftArguments
-    from tunesmith.train.loop import run_plan
+    from tunesmith.train.recipe import run_plan
 
     plan = run_plan(SftArguments(dataset=["x"], num_train_epochs=10, gradient_accumulation_steps=16), 8)
     assert plan["max_steps"] == 10 and "too few" in plan["messages"][1]

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from tunesmith.engine import fast
+from tunesmith.engine import attention, checkpointing, fused_loss
 from tunesmith.args import SftArguments
 from tunesmith.data.template import IGNORE, Encoded
-from tunesmith.train.loop import add_lora, loss_of, micro_batches
+from tunesmith.train.recipe import add_lora
+from tunesmith.train.batches import loss_of, micro_batches
 
 from numerics import assert_close_up_to_summation_order, assert_same_bits, summation_tolerance
 
@@ -40,7 +41,7 @@ def losses_and_grads(model, args, data):
     torch.manual_seed(0)
     m = add_lora(copy.deepcopy(model), args)
     if args.packing_window:
-        fast.use_document_attention(m.get_base_model())
+        attention.use_document_attention(m.get_base_model())
     total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
     total.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -63,8 +64,8 @@ def test_samples_do_not_see_each_other(tiny):
     data = samples(3)
     other = [data[0], Encoded([7] * len(data[1].input_ids), [IGNORE] * len(data[1].labels)), data[2]]
     m = add_lora(copy.deepcopy(tiny), args)
-    fast.use_document_attention(m.get_base_model())
-    assert m.config._attn_implementation == fast.DOC_ATTENTION
+    attention.use_document_attention(m.get_base_model())
+    assert m.config._attn_implementation == attention.DOC_ATTENTION
     with torch.no_grad():
         a = sum(loss_of(m, b) for b in micro_batches([data[0], data[2]], args, "cpu")).item()
         b = sum(loss_of(m, b) for b in micro_batches(other, args, "cpu")).item()
@@ -77,16 +78,16 @@ def test_checkpointing_a_share_of_layers_changes_nothing_but_memory(tiny):
     loss_a, grads_a = losses_and_grads(tiny, args, data)
     torch.manual_seed(0)
     m = add_lora(copy.deepcopy(tiny), args)
-    fast.use_document_attention(m.get_base_model())
-    assert fast.checkpoint_layers(m, 0.5) == 2
+    attention.use_document_attention(m.get_base_model())
+    assert checkpointing.checkpoint_layers(m, 0.5) == 2
     m.train()
     calls = []
-    AttentionInterface.register(fast.DOC_ATTENTION, lambda *a, **k: calls.append(1) or fast.document_attention(*a, **k))
+    AttentionInterface.register(attention.DOC_ATTENTION, lambda *a, **k: calls.append(1) or attention.document_attention(*a, **k))
     try:
         total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
         total.backward()
     finally:
-        AttentionInterface.register(fast.DOC_ATTENTION, fast.document_attention)
+        AttentionInterface.register(attention.DOC_ATTENTION, attention.document_attention)
     assert len(calls) == 3 + 2  # every layer forward, then the two checkpointed layers again in backward
     assert total.item() == pytest.approx(loss_a, rel=1e-5)
     assert_close_up_to_summation_order({n: p.grad for n, p in m.named_parameters() if p.grad is not None}, grads_a)
@@ -99,7 +100,7 @@ def test_chunked_cross_entropy_equals_the_plain_loss():
     targets = torch.randint(0, 50, (37,))
     plain = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
     g_plain = torch.autograd.grad(plain, [hidden, head.weight])
-    chunked = fast.chunked_cross_entropy(hidden, head, targets, chunk=8)
+    chunked = fused_loss.chunked_cross_entropy(hidden, head, targets, chunk=8)
     g_chunked = torch.autograd.grad(chunked, [hidden, head.weight])
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
     assert_close_up_to_summation_order(dict(enumerate(g_chunked)), dict(enumerate(g_plain)))
@@ -112,8 +113,8 @@ def test_linear_cross_entropy_equals_the_plain_loss():
     targets = torch.randint(0, 50, (37,))
     plain = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
     (g_plain,) = torch.autograd.grad(plain * 3, hidden)
-    fused = fast.linear_cross_entropy(hidden, head, targets, budget_bytes=8 * 4 * 50)  # chunks of 64 rows min
-    fused_small = fast._LinearCrossEntropy.apply(hidden, head.weight, targets, 5)  # 8 chunks, one ragged
+    fused = fused_loss.linear_cross_entropy(hidden, head, targets, budget_bytes=8 * 4 * 50)  # chunks of 64 rows min
+    fused_small = fused_loss._LinearCrossEntropy.apply(hidden, head.weight, targets, 5)  # 8 chunks, one ragged
     (g_fused,) = torch.autograd.grad(fused_small * 3, hidden)
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert fused_small.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -122,7 +123,7 @@ def test_linear_cross_entropy_equals_the_plain_loss():
     padded = torch.cat([targets[:30], torch.full((7,), -100)])
     plain = torch.nn.functional.cross_entropy(head(hidden), padded, reduction="sum", ignore_index=-100)
     (g_plain,) = torch.autograd.grad(plain, hidden)
-    fused = fast._LinearCrossEntropy.apply(hidden, head.weight, padded, 5)
+    fused = fused_loss._LinearCrossEntropy.apply(hidden, head.weight, padded, 5)
     (g_fused,) = torch.autograd.grad(fused, hidden)
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert_close_up_to_summation_order({"hidden": g_fused}, {"hidden": g_plain})
@@ -148,7 +149,7 @@ def test_lean_lora_computes_what_peft_computes(tiny):
     data = samples()
     grads = []
     for m in (peft_model, lean):
-        fast.use_document_attention(m.get_base_model())
+        attention.use_document_attention(m.get_base_model())
         m.train()
         total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
         total.backward()
@@ -186,8 +187,8 @@ def test_lean_lora_with_dropout_and_checkpointing_repeats_the_masks(tiny):
     results = []
     for share in (0.0, 1.0):
         m = copy.deepcopy(lean)
-        fast.use_document_attention(m.get_base_model())
-        fast.checkpoint_layers(m, share)
+        attention.use_document_attention(m.get_base_model())
+        checkpointing.checkpoint_layers(m, share)
         m.train()
         torch.manual_seed(5)
         total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
@@ -223,7 +224,7 @@ def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
     torch.manual_seed(0)
     m = add_lora(copy.deepcopy(tiny), args)
     lora_linear.use_lean_lora(m)
-    fast.use_document_attention(m.get_base_model())
+    attention.use_document_attention(m.get_base_model())
     (batch,) = list(micro_batches(samples(4), args, "cpu"))
     rows = cuda_graphs.GraphedRows(m, lambda b: loss_of(m, b))
     length, slots = cuda_graphs.shape_of(batch)  # (the graph's longest sample is its row length)
@@ -252,20 +253,20 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
     for name, p in m.named_parameters():
         if "lora_B" in name:  # (PEFT starts B at zero: no gradient would reach A)
             torch.nn.init.normal_(p, std=0.1)
-    fast.use_document_attention(m.get_base_model())
+    attention.use_document_attention(m.get_base_model())
     if lean:
         lora_linear.use_lean_lora(m)
     if layers:
-        assert decoder_layer.use_lean_layers(m) == len(fast.decoder_layers(m))
-        for layer in fast.decoder_layers(m):
+        assert decoder_layer.use_lean_layers(m) == len(checkpointing.decoder_layers(m))
+        for layer in checkpointing.decoder_layers(m):
             layer._tunesmith_recompute = level
-    fast.checkpoint_layers(m, share, preserve_rng=False)
+    checkpointing.checkpoint_layers(m, share, preserve_rng=False)
     (batch,) = list(micro_batches(samples(), args, "cpu"))
     lora_linear._forward_seed[torch.device("cpu")] = 12345  # what begin_forward would draw
     hidden = m.get_base_model().get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                               cu_seq_lens_q=batch["cu_seq_lens_q"], max_length_q=batch["max_length_q"],
                                               use_cache=False).last_hidden_state
-    loss = fast.linear_cross_entropy(hidden[0].index_select(0, batch["loss_positions"]),
+    loss = fused_loss.linear_cross_entropy(hidden[0].index_select(0, batch["loss_positions"]),
                                      m.get_base_model().get_output_embeddings(), batch["loss_targets"])
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}

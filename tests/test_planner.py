@@ -9,6 +9,7 @@ from conftest import GUIDE_DATA, tunesmith
 from tunesmith.train import planner
 from tunesmith.args import SftArguments
 from tunesmith.errors import UserError
+from tunesmith.engine import activation_memory
 
 QWEN7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
           "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
@@ -52,21 +53,20 @@ def test_estimate_matches_h100_measurements_on_lean_layers(qwen7b, tokens, check
 def test_lean_layers_recompute_before_checkpointing(qwen7b):
     """With too little memory for everything, sft first recomputes `up` (then `gate`) in backward, one matmul a
     layer, and checkpoints whole layers only when that is not enough."""
-    from tunesmith.engine import fast
 
-    widths = fast.lean_layer_widths(3584, 18944, 28, 4, 128)
+    widths = activation_memory.lean_layer_widths(3584, 18944, 28, 4, 128)
     unit = 3584 * 2 * 2048
-    everything = fast.lean_activation_bytes(widths, unit, [0] * 28, set())
-    assert fast.choose_recompute(28, widths, unit, everything) == ([0] * 28, set())
-    levels, checkpointed = fast.choose_recompute(28, widths, unit, 0.7 * everything)
+    everything = activation_memory.lean_activation_bytes(widths, unit, [0] * 28, set())
+    assert activation_memory.choose_recompute(28, widths, unit, everything) == ([0] * 28, set())
+    levels, checkpointed = activation_memory.choose_recompute(28, widths, unit, 0.7 * everything)
     assert not checkpointed and set(levels) == {0, 1}  # up recomputed in some layers only
-    levels, checkpointed = fast.choose_recompute(28, widths, unit, 0.5 * everything)
+    levels, checkpointed = activation_memory.choose_recompute(28, widths, unit, 0.5 * everything)
     assert not checkpointed and set(levels) == {1, 2}  # gate too in some
-    levels, checkpointed = fast.choose_recompute(28, widths, unit, 0.25 * everything)
+    levels, checkpointed = activation_memory.choose_recompute(28, widths, unit, 0.25 * everything)
     assert 0 < len(checkpointed) < 28 and levels == [2] * 28
     for free in (0.7, 0.5, 0.25):
-        plan = fast.choose_recompute(28, widths, unit, free * everything)
-        assert fast.lean_activation_bytes(widths, unit, *plan) <= free * everything
+        plan = activation_memory.choose_recompute(28, widths, unit, free * everything)
+        assert activation_memory.lean_activation_bytes(widths, unit, *plan) <= free * everything
 
 
 def test_dry_run_loads_only_the_config(qwen7b):

@@ -22,7 +22,7 @@ from . import quiet
 from .errors import UserError
 
 COMMANDS = {
-    "sft": ("SftArguments", "tunesmith.train.loop", "train a LoRA adapter on your data"),
+    "sft": ("SftArguments", "tunesmith.train.recipe", "train a LoRA adapter on your data"),
     "infer": ("InferArguments", "tunesmith.inference.infer", "chat with a base model or a tuned adapter"),
     "data": ("InspectArguments", "tunesmith.data.inspect",
              "`data inspect DATASET...`: counts, token lengths and the loss mask, before training"),
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][1])
         return module.run(args) or 0
     except UserError as e:
-        from .model.load import first_process
+        from .console import first_process
 
         if first_process():  # under torchrun every rank fails alike; one line is enough
             print(f"tunesmith {command}: error: {e}", file=sys.stderr)

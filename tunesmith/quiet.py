@@ -2,7 +2,7 @@
 
 Each entry names what triggers it and why it does not matter to a user. Warnings whose cause is ours
 are fixed at the cause instead (the CUDA-graph AccumulateGrad stream warning: no loss keeps its
-autograd graph past its backward, train._eager_window / graphs.GraphedRows._capture).
+autograd graph past its backward, train/loop._eager_window / engine/cuda_graphs.GraphedRows._capture).
 """
 
 from __future__ import annotations

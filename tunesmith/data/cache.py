@@ -28,7 +28,8 @@ import numpy as np
 
 from .sources import Source, open_sources, parse_columns, split
 from ..errors import UserError
-from ..model.load import cache_root, log
+from ..model.resolve import cache_root
+from ..console import log
 from .template import IGNORE, ChatTemplate, Encoded
 
 VERSION = 1  # bump when the stored layout or the tokenization changes

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..args import InspectArguments
-from ..model.load import load_tokenizer, resolve_model
+from ..model.load import load_tokenizer
+from ..model.resolve import resolve_model
 from .cache import NO_LOSS, TOO_LONG, prepare
 
 OPEN, CLOSE = "[[", "]]"

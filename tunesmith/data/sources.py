@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from ..console import log
 
 SPEC = re.compile(r"^(?:(?P<hub>hf|ms)::)?(?P<name>.+?)(?:#(?P<n>-?\d+))?$", re.IGNORECASE)
 PLACEHOLDER = re.compile(r"\{\{(NAME|AUTHOR)\}\}")
@@ -41,12 +42,6 @@ BUILTIN = {"self-cognition": "self_cognition.jsonl", "swift/self-cognition": "se
 MS_TO_HF = {"AI-ModelScope/alpaca-gpt4-data-zh": "llm-wizard/alpaca-gpt4-data-zh",
             "AI-ModelScope/alpaca-gpt4-data-en": "vicgalle/alpaca-gpt4"}
 JSON_COLUMNS = ("messages", "conversations", "history")  # csv cells holding JSON lists
-
-
-def _log(msg: str) -> None:
-    from ..model.load import log
-
-    log(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +388,7 @@ def load_hub(spec: DatasetSpec):
             except Exception as e:
                 raise UserError(f"--dataset {spec.text}: ModelScope could not load it ({str(e).splitlines()[0][:150]})") from None
         if name in MS_TO_HF:
-            _log(f"{name}: loading its Hugging Face copy {MS_TO_HF[name]} (install `modelscope` to use ModelScope)")
+            log(f"{name}: loading its Hugging Face copy {MS_TO_HF[name]} (install `modelscope` to use ModelScope)")
             name = MS_TO_HF[name]
     online = os.environ.get("HF_DATASETS_OFFLINE", "0") in ("0", "") and _reachable("huggingface.co")
     if not online:  # skip the library's slow retries; its cache still answers

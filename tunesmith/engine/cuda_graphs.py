@@ -21,7 +21,7 @@ import torch
 
 from . import lora_linear
 from .kernels import next_pow2
-from ..model.load import log
+from ..console import log
 
 BUCKET = 256
 MAX_SAMPLES = 64

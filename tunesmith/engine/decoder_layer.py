@@ -8,12 +8,12 @@ What backward keeps, per token, in hidden-widths (Qwen2.5-7B): the layer input x
 v and the attention output (2.3, kept by flash attention for its own backward), gate and up (10.6):
 about 15, against 19 for lean LoRA projections inside transformers' layer and 35 for PEFT's. The
 RMSNorm outputs are recomputed from x and h (an elementwise pass), the dropout masks are redrawn
-from seeds (lean_lora.begin_forward), every LoRA intermediate is r wide, and k and v are never
+from seeds (lora_linear.begin_forward), every LoRA intermediate is r wide, and k and v are never
 repeated to the query's head count.
 
-Per layer, `layer._tunesmith_recompute` (chosen by fast.plan_memory, only where memory needs it)
+Per layer, `layer._tunesmith_recompute` (chosen by activation_memory.plan_memory, only where memory needs it)
 trades one more matmul in backward for memory: 1 recomputes `up` (5.3 widths fewer), 2 recomputes
-`gate` and `up` (10.6 fewer). Whole-layer checkpointing (fast.checkpoint_layers) comes after that.
+`gate` and `up` (10.6 fewer). Whole-layer checkpointing (checkpointing.checkpoint_layers) comes after that.
 
 On CUDA the LoRA side runs in Triton kernels (kernels.lora_a, lora_a_grad, lora_dx_add: one pass
 over the shared input per projection, masks drawn inside, never stored), as do RMSNorm and RoPE;
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import fast, kernels
+from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
@@ -298,7 +298,7 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
     q, k, v = Projections.apply(x, layer.input_layernorm.weight, qkv[0], *qkv[1])
     cos, sin = emb
     q, k = Rope.apply(q.view(T, heads, d), k.view(T, kv_heads, d), cos[0], sin[0])
-    out = fast.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling)
+    out = attention.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling)
     (o_out,) = Projections.apply(out.reshape(T, heads * d), None, o[0], *o[1])
     h = x + o_out
     level = getattr(layer, "_tunesmith_recompute", 0)
@@ -321,10 +321,10 @@ def supported(layer) -> bool:
 
 
 def use_lean_layers(model) -> int:
-    """Route the decoder layers whose seven projections all carry LoRA (after lean_lora.use_lean_lora)
+    """Route the decoder layers whose seven projections all carry LoRA (after lora_linear.use_lean_lora)
     through layer_forward; returns how many."""
     count = 0
-    for layer in fast.decoder_layers(model):
+    for layer in checkpointing.decoder_layers(model):
         if not supported(layer) or hasattr(layer, "_tunesmith_plain_layer"):
             continue
         mods = [getattr(layer.self_attn, n) for n in PROJECTIONS[:4]] + [getattr(layer.mlp, n) for n in PROJECTIONS[4:]]

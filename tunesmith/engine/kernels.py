@@ -1,4 +1,4 @@
-"""Two small Triton kernels for the lean LoRA layers (CUDA only; lean_lora.py has the plain-torch
+"""Two small Triton kernels for the lean LoRA layers (CUDA only; lora_linear.py has the plain-torch
 path for everything else and is tested against these under Triton's CPU interpreter).
 
 - `dropout(x, p, seed, add_to=None)`: x * keep / (1 - p) (+ add_to). The mask comes from
@@ -9,7 +9,7 @@ path for everything else and is tested against these under Triton's CPU interpre
 - `swiglu(gate, up, p, seed)`: c = silu(gate) * up and, when p > 0, dropout(c), in one pass.
   `swiglu_backward(gate, up, grad_c)`: the gradients of gate and up, written over gate and up.
 
-For the lean decoder layer (lean_layer.py), the LoRA side of P projections that share an input x
+For the lean decoder layer (decoder_layer.py), the LoRA side of P projections that share an input x
 [T, K] (q/k/v, gate/up), with projection i's dropout mask drawn from an integer hash of (seed +
 offset + i * step, t * K + k) and never stored (the kernels live in triton_lora.py):
 - `lora_a(x, a, p, seed, step)`: H[:, i*R:(i+1)*R] = dropout_i(x) A_i^T, one pass over x per i.

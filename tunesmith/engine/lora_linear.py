@@ -67,7 +67,7 @@ def begin_forward(device) -> None:
 
 
 def seed_state(device):
-    """The device seed tensor (None before the first pass or off the Triton path): graphs.py saves and puts
+    """The device seed tensor (None before the first pass or off the Triton path): cuda_graphs.py saves and puts
     it back around a capture, so a captured run draws the masks an eager run draws."""
     seed = _forward_seed.get(torch.device(device))
     return seed if isinstance(seed, torch.Tensor) else None

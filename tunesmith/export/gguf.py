@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..model.load import log
+from ..console import log
 
 # Our name -> (gguf architecture, tokenizer pre-tokenizer name llama.cpp knows)
 ARCHITECTURES = {"qwen2": ("qwen2", "qwen2"), "llama": ("llama", "smollm")}

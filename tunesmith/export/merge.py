@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..args import ExportArguments, InferArguments
 from ..errors import UserError
-from ..model.load import load_model, log
+from ..model.load import load_model
+from ..console import log
 
 MARKER = "tunesmith_export.json"  # marks a folder we wrote, so a rerun may replace it and nothing else
 CHECK_PROMPTS = ["你是谁?", "Who are you?", "中国的首都是哪里?", "Write a Python function that adds two numbers."]
@@ -34,7 +35,7 @@ def run(args: ExportArguments) -> int:
     if args.adapters:
         merged = merge(args)
     else:
-        from ..model.load import resolve_model
+        from ..model.resolve import resolve_model
 
         merged = resolve_model(args.model).path
     if args.to_gguf:

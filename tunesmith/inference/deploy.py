@@ -43,7 +43,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..args import DeployArguments
 from ..errors import UserError
 from .infer import Chat, Generation, load_chat
-from ..model.load import log
+from ..console import log
 from ..data.template import ChatTemplate
 
 

@@ -18,7 +18,7 @@ from ..args import EvalArguments
 from ..train.checkpoint import writable_dir
 from ..errors import UserError
 from .infer import load_chat
-from ..model.load import log
+from ..console import log
 
 # Identity questions, in and beyond the guide's 8 records, in Chinese and English; then general knowledge,
 # each with the keyword a right answer contains, so forgetting shows.

@@ -17,7 +17,9 @@ from pathlib import Path
 from ..args import InferArguments, load_args_json
 from ..train.checkpoint import check_adapter_dir, check_adapter_fits
 from ..errors import UserError
-from ..model.load import end_of_turn_ids, load_model, load_tokenizer, log, pick_device, pick_dtype, resolve_model
+from ..model.load import end_of_turn_ids, load_model, load_tokenizer, pick_device, pick_dtype
+from ..console import log
+from ..model.resolve import resolve_model
 from ..data.template import ChatTemplate
 
 

@@ -4,7 +4,7 @@ prefetch(): right after the command line is parsed, a thread reads the local mod
     files into the page cache (it needs nothing heavy, so it starts at once).
 stage(): for `sft` on one GPU, a second thread imports torch and copies the files' tensors straight
     into GPU memory, through two pinned buffers, while the main thread imports transformers,
-    tokenizes and plans (and a third imports Triton and our kernels). models.load_model() then
+    tokenizes and plans (and a third imports Triton and our kernels). load.load_model() then
     builds the model around those tensors with transformers' own from_pretrained(state_dict=...):
     no second read, no second copy.
 Anything the stager cannot do (another dtype in the files, no room on the GPU, an error) leaves
@@ -30,7 +30,7 @@ _stager: Stager | None = None
 
 def model_files(name: str | None) -> list[Path]:
     """The safetensors files of a local folder or an already converted default model (else none)."""
-    from .load import ALIASES, DEFAULT_MODEL, DEFAULT_MODELS, _is_complete, cache_root
+    from .resolve import ALIASES, DEFAULT_MODEL, DEFAULT_MODELS, _is_complete, cache_root
 
     name = name or DEFAULT_MODEL
     folder = Path(name).expanduser()

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..console import log
 
 LAUNCHER_ENV = {"NPROC_PER_NODE": "--nproc_per_node", "NNODES": "--nnodes", "NODE_RANK": "--node_rank",
                 "MASTER_ADDR": "--master_addr", "MASTER_PORT": "--master_port"}
@@ -208,7 +209,7 @@ class Parallel:
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            from ..engine.fast import decoder_layers
+            from ..engine.checkpointing import decoder_layers
 
             for layer in decoder_layers(model):
                 fully_shard(layer)
@@ -261,8 +262,6 @@ def setup(args) -> Parallel:
     """Join the process group when launched by torchrun: NCCL on GPUs, gloo on CPUs."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         if args.fsdp:
-            from ..model.load import log
-
             log("--fsdp has no effect in a single process; launch several with NPROC_PER_NODE=N or torchrun")
         return Parallel(fsdp=False)
     import torch
@@ -289,8 +288,6 @@ def setup(args) -> Parallel:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     if rank == 0:
-        from ..model.load import log
-
         nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         log(f"{world} processes ({nodes} node(s)), {'NCCL on GPUs' if cuda else 'gloo on CPUs'}: "
             f"{'FSDP2 sharding of the base model' if args.fsdp else 'data parallel (DDP)'}")

@@ -2,9 +2,9 @@
 
     weights        base parameters (bf16, or 4/8-bit with QLoRA; a per-GPU shard with --fsdp)
     adapter        LoRA weights, gradients and AdamW's two moments, all float32 (16 bytes a parameter)
-    activations    what backward needs, per token and layer (fast.activation_bytes: measured widths;
-                   on lean decoder layers fast.lean_activation_bytes, with sft's recompute plan)
-    loss           one chunk of float32 logits and their gradient (fast.chunked_cross_entropy)
+    activations    what backward needs, per token and layer (activation_memory.activation_bytes: measured widths;
+                   on lean decoder layers activation_memory.lean_activation_bytes, with sft's recompute plan)
+    loss           one chunk of float32 logits and their gradient (fused_loss.chunked_cross_entropy)
     context        CUDA context, kernels and library workspaces, outside PyTorch's allocator
 
 Dense decoder architectures (Qwen2/3, Llama, Mistral, Gemma, ...): attention with grouped KV heads
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..console import log
 
 GiB = 2**30
 CONTEXT = 0.75 * GiB  # CUDA context + cuBLAS/flash workspaces; not counted by torch's allocator
@@ -97,14 +98,14 @@ class Settings:
     targets: tuple[str, ...] = ("all-linear",)
     elt: int = 2  # bytes per weight/activation element (bf16)
     liger: bool = True
-    lean: bool = True  # lean LoRA (lean_lora.py): no stored dropout copies, SwiGLU product recomputed
+    lean: bool = True  # lean LoRA (engine/lora_linear.py): no stored dropout copies, SwiGLU product recomputed
     lean_layers: bool = False  # lean decoder layers (lean_layer.py): llama/qwen2-style layers, all-linear LoRA
 
 
 def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     """Bytes per GPU by component, and `total` (what the card must hold). `card` (free bytes) lets
-    `checkpointed=None` pick the layers as `sft` will (fast.fewest_checkpointed)."""
-    from ..engine import fast
+    `checkpointed=None` pick the layers as `sft` will (activation_memory.fewest_checkpointed)."""
+    from ..engine import activation_memory
 
     linear = shape.layers * shape.layer_linear_params
     other = shape.layers * shape.layer_other_params + shape.outer_params
@@ -124,23 +125,23 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
         adapter = adapter / s.world
     loss = loss_bytes(shape.vocab, shape.hidden, s.loss_tokens, s.elt)
     checkpointed = s.checkpointed
-    if s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (fast.plan_memory)
-        widths = fast.lean_layer_widths(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim)
+    if s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (activation_memory.plan_memory)
+        widths = activation_memory.lean_layer_widths(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim)
         unit = shape.hidden * s.elt * s.tokens
         if checkpointed is None:
             free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
-            levels, chosen = fast.choose_recompute(shape.layers, widths, unit, 0.85 * (free - loss))
-        else:  # checkpointing asked for: the first `checkpointed` layers as spread by fast.checkpoint_layers
+            levels, chosen = activation_memory.choose_recompute(shape.layers, widths, unit, 0.85 * (free - loss))
+        else:  # checkpointing asked for: the first `checkpointed` layers as spread by checkpointing.checkpoint_layers
             chosen = {round(i * shape.layers / checkpointed) for i in range(checkpointed)} if checkpointed else set()
             levels = [2 if chosen else 0] * shape.layers
-        activations = fast.lean_activation_bytes(widths, unit, levels, chosen)
+        activations = activation_memory.lean_activation_bytes(widths, unit, levels, chosen)
         checkpointed = len(chosen)
-    elif checkpointed is None:  # as sft plans it once the weights are on the GPU (fast.plan_checkpointing)
+    elif checkpointed is None:  # as sft plans it once the weights are on the GPU (activation_memory.plan_checkpointing)
         free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
-        checkpointed = fast.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean,
+        checkpointed = activation_memory.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean,
                                                 0.85 * (free - loss), bool(s.quant_bits))
     if not (s.lean_layers and not s.quant_bits):
-        activations = fast.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean,
+        activations = activation_memory.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean,
                                             bool(s.quant_bits))
     allocated = weights + adapter + activations + loss
     total = allocated * ALLOCATOR_SLACK + CONTEXT
@@ -149,11 +150,11 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
 
 
 def loss_bytes(vocab: int, hidden: int, loss_tokens: int, elt: int) -> int:
-    """The loss at answer positions (fast.linear_cross_entropy): one chunk of float32 logits (and
+    """The loss at answer positions (fused_loss.linear_cross_entropy): one chunk of float32 logits (and
     its half-precision softmax gradient) at a time, plus the gathered hidden states and their gradient."""
-    from ..engine import fast
+    from ..engine import fused_loss
 
-    rows = min(max(1, loss_tokens), fast.loss_chunk_rows(vocab))
+    rows = min(max(1, loss_tokens), fused_loss.loss_chunk_rows(vocab))
     return (4 + elt) * rows * vocab + 2 * loss_tokens * hidden * elt
 
 
@@ -215,7 +216,7 @@ def _gib(x: float) -> str:
 
 def dry_run(args, world: int = 1) -> int:
     """`sft --dry_run`: the table of memory per GPU, and what fits the detected card (or common ones)."""
-    from ..model.load import resolve_model
+    from ..model.resolve import resolve_model
 
     if world == 1:
         from .distributed import requested_world
@@ -297,8 +298,6 @@ def check_fits(args, model_path: Path, longest_row: int, device: str, world: int
     s = settings_for(args, shape, longest_row, world)
     est = estimate(shape, s, card[2])
     if est["total"] <= card[2]:
-        from ..model.load import log
-
         log(f"memory plan: ~{_gib(est['total'])} GiB per GPU at most ({longest_row}-token forward passes; "
             f"{card[0]} has {_gib(card[2])} GiB free)")
         return

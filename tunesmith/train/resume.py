@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .checkpoint import checkpoint_problem, checkpoints, new_run_dir
 from ..errors import UserError
-from ..model.load import log
+from ..console import log
 
 # Flags that may change on resume: where things are written, how often, and how memory is used.
 # Everything else changes what the run computes, so a resume with another value is refused.

@@ -14,7 +14,7 @@ import os
 import signal
 
 from ..errors import UserError
-from ..model.load import log
+from ..console import log
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 

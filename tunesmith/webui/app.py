@@ -6,7 +6,7 @@ The page (tunesmith/webui/web/) fills a form generated from SftArguments, shows 
 stands for and runs exactly that command as a subprocess. Loss, progress and ETA come from the run's
 logging.jsonl and progress bar. One run at a time per --output_dir: its pid is kept in OUTPUT_DIR/webui/run.json,
 so a reloaded page, a second tab or a restarted web-ui sees the run instead of starting another. Stop sends
-SIGINT: the run finishes its step and saves a checkpoint (guards.py). `data inspect` runs the same way. Chat
+SIGINT: the run finishes its step and saves a checkpoint (train/stopping.py). `data inspect` runs the same way. Chat
 loads base + adapter once (deploy's Engine) and streams base and tuned answers side by side.
 
 Next to a browser: deploy.BrowserGuard refuses other Host names (DNS rebinding) and requests from pages of another
@@ -44,9 +44,10 @@ from ..args import DeployArguments, InspectArguments, SftArguments, WebUiArgumen
 from ..train.checkpoint import checkpoints, writable_dir
 from ..data.sources import BUILTIN, check_local
 from ..errors import UserError
-from ..model.load import DEFAULT_MODEL, DEFAULT_MODELS, log
+from ..model.resolve import DEFAULT_MODEL, DEFAULT_MODELS
+from ..console import log
 from ..inference.deploy import ApiError, ChatRequest
-from ..train.loop import _hms
+from ..train.run_log import hms
 
 WEB = Path(__file__).parent / "web"
 # The guide's settings (examples/guide.sh): the form starts from these, not from the dataclass defaults.
@@ -163,7 +164,7 @@ class Runs:
         try:
             if not current or not self._alive(current):
                 raise ProcessLookupError
-            os.kill(current["pid"], signal.SIGINT)  # as Ctrl-C: finish the step, save a checkpoint (guards.py)
+            os.kill(current["pid"], signal.SIGINT)  # as Ctrl-C: finish the step, save a checkpoint (train/stopping.py)
         except ProcessLookupError:  # also when it ended just now
             raise ApiError(409, "no run is going", code="no_run") from None
         self._save(stop_requested=time.time())
@@ -247,7 +248,7 @@ def _clock(text: str) -> str:
     seconds = 0
     for part in text.split(":"):
         seconds = 60 * seconds + int(part)
-    return _hms(seconds)
+    return hms(seconds)
 
 
 def _found(pattern: str, path: Path) -> str | None:
@@ -262,7 +263,7 @@ def _found(pattern: str, path: Path) -> str | None:
 
 
 def _progress(path: Path) -> dict:
-    """Loss points and the newest step, ETA and speed from logging.jsonl (train.py writes it)."""
+    """Loss points and the newest step, ETA and speed from logging.jsonl (train/loop.py writes it)."""
     out: dict = {"points": [], "eval_points": []}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -1,0 +1,126 @@
+"""Activation memory: what backward keeps per token and layer (measured widths), and the plan that fits it
+in the GPU: the share of layers to checkpoint, or on lean layers the recompute level of each layer.
+The planner (train/planner.py) adds weights, adapter, loss and context to these figures."""
+
+from __future__ import annotations
+
+import torch
+from .checkpointing import decoder_layers
+from ..console import log
+
+
+# Bytes of saved activations per token per layer, in units of hidden_size x element size, by
+# (Liger kernels, lean LoRA); measured on the Qwen2.5-7B architecture on an H100 (bench/RESULTS.md).
+ACTIVATION_WIDTH = {(True, True): 20, (False, True): 28, (True, False): 35, (False, False): 52}
+
+
+MARGIN_WIDTH = 6  # gradients in flight between layers, residual sums: a few more hidden-wide tensors
+
+
+QUANTIZED_EXTRA_WIDTH = 4  # a bitsandbytes 4/8-bit base keeps a little more per layer (measured: 39 vs 35)
+
+
+def activation_bytes(layers: int, hidden: int, elt: int, tokens: int, checkpointed: int, liger: bool,
+                     lean: bool = True, quantized: bool = False) -> int:
+    """Saved activations of one forward pass of `tokens` tokens with `checkpointed` of the `layers`
+    layers recomputed in backward (one layer's full activations exist during its recompute)."""
+    width = ACTIVATION_WIDTH[(liger, lean)] + (QUANTIZED_EXTRA_WIDTH if quantized else 0)
+    full = width * hidden * elt * tokens  # one layer, nothing recomputed
+    kept = hidden * elt * tokens  # one checkpointed layer keeps only its input
+    margin = MARGIN_WIDTH * hidden * elt * tokens
+    return (layers - checkpointed) * full + checkpointed * kept + (full if checkpointed else 0) + margin
+
+
+def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: bool, lean: bool, budget: float,
+                        quantized: bool = False) -> int:
+    """The fewest layers to checkpoint so the activations fit in `budget` bytes (all of them if none fits)."""
+    fits = (k for k in range(layers + 1)
+            if activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized) <= budget)
+    return next(fits, layers)
+
+
+def usable_for_activations(model, reserve: int = 0, budget: int | None = None) -> float:
+    """GPU bytes left for activations: `budget` in all less what is allocated now, else 85% of what is free,
+    less `reserve` (the loss) and the adapter's gradients and AdamW states (12 bytes a trainable parameter)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if budget is None:
+        return (torch.cuda.mem_get_info()[0] - reserve - 12 * trainable) * 0.85
+    return budget - torch.cuda.memory_allocated() - reserve - 12 * trainable
+
+
+def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = False, reserve: int = 0,
+                       budget: int | None = None) -> float:
+    """The smallest share of layers to checkpoint so that the activations of the largest forward
+    pass fit: in `budget` bytes of GPU memory in all, or else in 85% of what is free now, less
+    `reserve` bytes (the loss's logits: planner.loss_bytes) and the adapter's gradients and AdamW
+    states (checkpointing costs a second forward of those layers)."""
+    if not tokens or not torch.cuda.is_available():
+        return 1.0
+    cfg = model.config
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    elt = next(model.parameters()).element_size()
+    free = usable_for_activations(model, reserve, budget)
+    quantized = bool(getattr(cfg, "quantization_config", None))
+    k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free, quantized)
+    need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized)
+    if need <= free:
+        log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
+            f"checkpointed ({free / 2**30:.1f} GiB usable)")
+    return k / layers
+
+
+def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int):
+    """What one lean decoder layer (decoder_layer.py) keeps per token, in hidden-widths: (with nothing
+    recomputed, less per recompute level, transient while one layer runs backward)."""
+    attention = (2 * heads * head_dim + 2 * kv_heads * head_dim) / hidden  # q and the output, k and v
+    mlp = intermediate / hidden  # gate or up
+    return 2 + attention + 2 * mlp, mlp, 3 * mlp + 4  # + x and h; transient: the product, its gradient, a recompute
+
+
+def lean_activation_bytes(widths: tuple, unit: float, levels: list[int], checkpointed: set) -> float:
+    """Saved activations of lean layers at these recompute levels with these layers checkpointed (a
+    checkpointed layer keeps its input; one at a time is recomputed, at level 2); unit = one hidden-width
+    of one layer (hidden x element size x tokens)."""
+    full, mlp, transient = widths
+    kept = sum(full - lv * mlp for i, lv in enumerate(levels) if i not in checkpointed)
+    kept += len(checkpointed) + ((full - 2 * mlp) if checkpointed else 0)
+    return (kept + transient) * unit
+
+
+def choose_recompute(layers: int, widths: tuple, unit: float, free: float) -> tuple[list[int], set]:
+    """The least recompute whose activations fit `free` bytes, cheapest first: `up` recomputed layer by
+    layer (one matmul each), then `gate` too, then whole layers checkpointed (all of them if nothing fits)."""
+    def spread(k):
+        return {round(i * layers / k) for i in range(k)} if k else set()
+
+    plans = []
+    for u in range(2 * layers + 1):
+        ones, twos = (spread(u), set()) if u <= layers else (set(range(layers)), spread(u - layers))
+        plans.append(([2 if i in twos else 1 if i in ones else 0 for i in range(layers)], set()))
+    plans += [([2] * layers, spread(k)) for k in range(1, layers + 1)]
+    return next((p for p in plans if lean_activation_bytes(widths, unit, *p) <= free), plans[-1])
+
+
+def config_widths(config) -> tuple:
+    heads = config.num_attention_heads
+    return lean_layer_widths(config.hidden_size, config.intermediate_size, heads, config.num_key_value_heads,
+                             getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None = None) -> tuple[list[int], int]:
+    """For a model on lean decoder layers: the least recompute that fits the activations of `tokens`
+    tokens in `budget` bytes in all (else 85% of what is free now), less `reserve` (the loss) and the
+    adapter's gradients and AdamW states. Returns (recompute level per layer, how many layers to checkpoint)."""
+    n = len(decoder_layers(model))
+    if not tokens or not torch.cuda.is_available():
+        return [0] * n, 0
+    elt = next(model.parameters()).element_size()
+    free = usable_for_activations(model, reserve, budget)
+    widths, unit = config_widths(model.config), model.config.hidden_size * elt * tokens
+    levels, checkpointed = choose_recompute(n, widths, unit, free)
+    need = lean_activation_bytes(widths, unit, levels, checkpointed)
+    if need <= free:
+        log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB ({free / 2**30:.1f} GiB usable): up "
+            f"recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in {sum(lv == 2 for lv in levels)}, "
+            f"{len(checkpointed)} of {n} layers checkpointed")
+    return levels, len(checkpointed)

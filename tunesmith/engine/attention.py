@@ -1,0 +1,93 @@
+"""Per-sample attention over a packed row ("document attention"): the causal flash/SDPA kernel on each
+sample's slice, so no sample sees another and no (tokens x tokens) mask is ever built; registered with
+transformers' attention interface."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ..console import log
+
+
+DOC_ATTENTION = "tunesmith_doc"
+_registered = False
+_varlen_failed = False
+
+
+class FlashVarlen(torch.autograd.Function):
+    """Causal flash attention over packed samples: q [T, heads, d], k/v [T, kv_heads, d] (grouped-query
+    attention natively: k and v are never repeated to the query's head count), boundaries `bounds`
+    (int32 on the device) and the longest sample `longest` (an int, so no host sync). PyTorch's own
+    flash kernels (aten._flash_attention_forward/backward), the ones behind SDPA and varlen_attn."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bounds, longest, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, bounds, rng, unused)
+        ctx.longest, ctx.scale = longest, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, bounds, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, bounds, bounds, ctx.longest, ctx.longest, 0.0, True, rng, unused,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_usable(q: torch.Tensor) -> bool:
+    """Flash attention runs here: a CUDA tensor in bf16/fp16 with a head size it supports."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+def varlen_attention(q, k, v, bounds, longest: int | None, scale=None):
+    """Causal attention within each packed sample. q: [T, heads, d]; k, v: [T, kv_heads, d]; returns
+    [T, heads, d]. Flash on CUDA; elsewhere SDPA on each sample's slice."""
+    global _varlen_failed
+    if longest and not _varlen_failed and flash_usable(q):
+        try:
+            return FlashVarlen.apply(q, k, v, bounds, int(longest), scale)
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # a build without flash kernels
+            _varlen_failed = True
+
+            log(f"flash attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, d]
+    return _per_sample_sdpa(q, k, v, bounds, scale)[0].transpose(0, 1)
+
+
+def _per_sample_sdpa(query, key, value, bounds, scale):
+    """SDPA, causal, on each sample's slice of [b, heads, T, d] tensors; [b, heads, T, d]."""
+    edges = bounds.tolist()
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                       scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        for s, e in zip(edges[:-1], edges[1:])
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
+    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
+    if query.shape[0] == 1:
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
+        return varlen_attention(q, k, v, bounds, kwargs.get("max_length_q"), scaling).unsqueeze(0), None
+    return _per_sample_sdpa(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
+
+
+def use_document_attention(model) -> None:
+    """Route the model's attention through document_attention (transformers' attention registry)."""
+    global _registered
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not _registered:
+        AttentionInterface.register(DOC_ATTENTION, document_attention)
+        AttentionMaskInterface.register(DOC_ATTENTION, lambda *args, **kwargs: None)  # no mask: slices are causal
+        _registered = True
+    model.set_attn_implementation(DOC_ATTENTION)

@@ -1,0 +1,254 @@
+"""`tunesmith sft`: the LoRA training recipe, top to bottom.
+
+    run()      check the inputs, build the pieces (data, model, adapter, optimizer), then loop.fit()
+
+Resuming (resume.py) restores the pieces before fit(); fit() then starts after the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from . import distributed, planner, resume
+from ..engine import activation_memory, attention, checkpointing, cuda_graphs, decoder_layer, lora_linear, patches
+from ..args import SftArguments, save_args
+from .checkpoint import new_run_dir
+from ..data.sources import check_local
+from ..errors import UserError
+from ..model.load import load_config, load_model, load_tokenizer, pick_dtype
+from ..console import log
+from ..model.resolve import resolve_model
+from ..data.template import ChatTemplate
+from ..data.cache import prepare
+from .batches import loss_of
+from .loop import fit
+from .run_log import process_start
+
+
+MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarely takes (see run_plan)
+
+
+def run(args: SftArguments) -> int:
+    t_start = time.time()
+    marks = {"launch": process_start(), "start": t_start}
+    par = distributed.setup(args)  # one process, or one of several under torchrun
+    if args.dry_run:
+        return planner.dry_run(args, par.world)
+    # 1. Model files and tokenizer (fast), then the data, read and tokenized once and cached on disk:
+    #    data problems surface before the weights load. Missing files are caught first of all.
+    check_local(args.dataset + args.val_dataset)
+    marks["data"] = time.time()
+    resolved = resolve_model(args.model)
+    args.model = resolved.name  # args.json names the exact base, so infer/export find it again
+    load_config(resolved.path)
+    tok = load_tokenizer(resolved.path)
+    template = ChatTemplate(tok, args.system)
+    with par.main_first():  # rank 0 tokenizes and caches, the others read its cache
+        data = prepare(args, tok, resolved.path)
+    for line in data.report:
+        log(line)
+    train_set, val_set, stats = data.train, data.val, data.stats
+    if args.eval_steps is not None and not len(val_set):
+        log("warning: --eval_steps is set but there is no validation data, so nothing will be evaluated; "
+            "add --split_dataset_ratio 0.1 or --val_dataset FILE")
+    if stats["too_long"]:
+        what = "dropped" if args.truncation_strategy == "delete" else "truncated"
+        log(f"{stats['too_long']} samples are longer than --max_length {args.max_length} tokens: {what} "
+            "(--truncation_strategy delete|right|left)")
+    if stats["no_loss"]:
+        log(f"{stats['no_loss']} samples have no answer tokens left to train on and were skipped")
+    if not train_set:
+        raise UserError("no training samples left after tokenization (see the lines above)")
+    marks["tokenized"] = time.time()
+    plan = run_plan(args, len(train_set), par.world)
+    for line in plan["messages"]:
+        log(line)
+    fingerprint = resume.data_fingerprint(train_set)
+    ckpt = resume.find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    state = resume.check_same_run(ckpt, args, fingerprint, par.world) if ckpt else None
+    longest_row = _longest_row(train_set, args, plan["accumulation"])
+    device = par.device(args.device)
+    planner.check_fits(args, resolved.path, longest_row, device, par.world)  # before any weights load
+
+    # 2. Model with LoRA, optimizer, schedule, run folder.
+    torch = _seed_everything(args.seed)
+    dtype = pick_dtype(args.torch_dtype, device)
+    if par.fsdp and args.gradient_checkpointing is None:  # memory is planned per shard: recompute everything
+        args.gradient_checkpointing = 1.0
+    model = load_model(resolved.path, dtype, "cpu" if par.fsdp else device, args.quant_bits)  # FSDP: shards move
+    marks["loaded"] = time.time()
+    model = prepare_model(model, args, device, longest_row=longest_row)
+    forward = par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
+    graphed = None
+    if args.cuda_graphs and not par.active and cuda_graphs.usable(model, device):
+        graphed = cuda_graphs.GraphedRows(model, forward)
+    optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
+    run_dir = None
+    if ckpt:
+        resume.restore(ckpt, model, optimizer, scheduler)
+        state.update(checkpoint=ckpt, data_fingerprint=fingerprint)
+        if par.main:
+            run_dir = resume.continue_in(ckpt, args.output_dir, state["global_step"])
+            if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
+                save_args(args, run_dir / "args.json")
+            log(f"resuming from {ckpt} at step {state['global_step']} of {plan['max_steps']}; run folder: {run_dir}")
+    else:
+        state = {"global_step": 0, "log_history": [], "data_fingerprint": fingerprint}
+        if par.main:
+            run_dir = new_run_dir(args.output_dir)
+            save_args(args, run_dir / "args.json")
+            log(f"run folder: {run_dir}")
+    run_dir = Path(par.broadcast(str(run_dir) if par.main else None))  # rank 0 alone writes it
+    marks["ready"] = time.time()
+
+    try:
+        last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device,
+                   resolved.name, marks, state, par=par, forward=forward, graphed=graphed)
+    except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
+        raise resume.write_failed(e, run_dir) from None
+    if last.get("stopped_by"):
+        log(f"stopped after step {last['step']} of {plan['max_steps']}; checkpoint: {last['checkpoint']}")
+        log(f"continue with: {resume.resume_command(last['checkpoint'])}")
+        return last["stopped_by"]
+    if graphed and graphed.graphs:
+        log(graphed.report())
+    log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
+    if par.main:
+        print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
+    return 0
+
+
+def run_plan(args: SftArguments, n_samples: int, world: int = 1) -> dict:
+    """How many optimizer steps this run makes, and a warning when that is too few to learn from.
+    With several processes each optimizer step takes batch x accumulation samples from each of them."""
+    accumulation = args.effective_accumulation(world)
+    batches_per_epoch = math.ceil(n_samples / (args.per_device_train_batch_size * world))
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)  # a short last window still steps
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    per_step = min(n_samples, args.per_device_train_batch_size * accumulation * world)
+    gpus = f" x {world} processes" if world > 1 else ""
+    msgs = [f"{n_samples} training samples, {per_step} per optimizer step "
+            f"(batch {args.per_device_train_batch_size} x accumulation {accumulation}{gpus}): "
+            f"{steps_per_epoch} step(s) per epoch, {max_steps} optimizer steps in all"]
+    if max_steps < MIN_USEFUL_STEPS:
+        fix = max(1, math.floor(batches_per_epoch * args.num_train_epochs / MIN_USEFUL_STEPS))
+        better = math.ceil(batches_per_epoch / min(fix, accumulation)) * args.num_train_epochs
+        msgs.append(
+            f"warning: {max_steps} optimizer steps are usually too few to teach the model anything at "
+            f"--learning_rate {args.learning_rate:g} (ms-swift's run of the guide with these settings still "
+            f"answered as before). Use --gradient_accumulation_steps {min(fix, accumulation)} ({better:.0f} steps) "
+            "or more --num_train_epochs."
+        )
+    return {"accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "messages": msgs}
+
+
+def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None,
+                  memory_budget: int | None = None):
+    """Fast-path switches (engine/), LoRA, and recompute/checkpointing where memory needs it."""
+    notes = []
+    if args.packing_window:
+        attention.use_document_attention(model)
+        notes.append("packed windows with per-sample attention")
+    layers = checkpointing.decoder_layers(model)
+    lean_layers = planner.lean_layers_apply(args, getattr(model.config, "model_type", "")) and all(
+        decoder_layer.supported(layer) for layer in layers)
+    if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
+        kernels = patches.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
+        notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
+    model = add_lora(model, args)
+    lean = False
+    if args.lean_lora:
+        n = lora_linear.use_lean_lora(model)
+        notes += [f"lean LoRA on {n} projections"] if n else []
+        lean = lora_linear.all_lean(model)
+        lean_layers = lean_layers and decoder_layer.use_lean_layers(model)
+        notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
+    levels = [0] * len(layers)  # recompute levels of the lean layers (plan_memory's, where memory is short)
+    share = args.gradient_checkpointing
+    if share is None:  # only where memory requires it
+        reserve = planner.loss_bytes(model.config.vocab_size, model.config.hidden_size, longest_row or 0, 2)
+        if not device.startswith("cuda"):
+            share = 0.0
+        elif lean_layers and lean_layers == len(layers):
+            levels, k = activation_memory.plan_memory(model, longest_row, reserve=reserve, budget=memory_budget)
+            share = k / len(layers)
+            if any(levels):
+                notes.append(f"up recomputed in {sum(lv >= 1 for lv in levels)} layers, gate in "
+                             f"{sum(lv == 2 for lv in levels)}")
+        else:
+            liger = any("Liger" in n for n in notes)
+            share = activation_memory.plan_checkpointing(model, longest_row, liger, lean, reserve=reserve, budget=memory_budget)
+    for layer, level in zip(layers, levels):
+        layer._tunesmith_recompute = level
+    n = checkpointing.checkpoint_layers(model, float(share), preserve_rng=not lean)
+    notes.append(f"activation checkpointing on {n} layers" if n else "no activation checkpointing")
+    log("fast path: " + ", ".join(notes))
+    return model
+
+
+def _longest_row(train_set, args: SftArguments, accumulation: int) -> int:
+    """Tokens in the largest forward pass: a packed window (capped at its row budget) or a micro-batch."""
+    lengths = sorted((len(s.input_ids) for s in train_set), reverse=True)
+    if args.packing_window:
+        budget = max(args.max_length, args.per_device_train_batch_size * args.max_length)
+        return min(budget, sum(lengths[: args.per_device_train_batch_size * accumulation]))
+    return args.per_device_train_batch_size * lengths[0]
+
+
+def add_lora(model, args: SftArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.target_modules
+    target = "all-linear" if targets == ["all-linear"] else targets
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=target, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"--target_modules {' '.join(targets)}: {str(e).splitlines()[0][:200]}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {target}: {trainable / 1e6:.2f}M trainable "
+        f"parameters ({100 * trainable / total:.2f}% of {total / 1e6:.0f}M)")
+    return model
+
+
+def build_optimizer(model, args: SftArguments, max_steps: int):
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=all(p.is_cuda for p in decay + no_decay) or None,  # one kernel for all parameters on CUDA
+    )
+    warmup = math.ceil(args.warmup_ratio * max_steps)
+
+    def lr_factor(step: int) -> float:  # transformers' schedules: linear warmup, then decay to 0
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        if args.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if args.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _seed_everything(seed: int):
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    return torch
