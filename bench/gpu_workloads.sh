@@ -11,12 +11,16 @@ summary() { python3 bench/check_run.py summary "$@" | tee -a $OUT/workloads.json
 baseline() {  # baseline NAME STEPS FLAGS...
     local name=$1 steps=$2; shift 2
     for engine in ${BASELINE_ENGINES:-swift_default swift_best}; do
-        (cd $W && timeout 300 python3 $REPO/bench/baseline_sft.py --engine $engine --max_steps $steps -- \
+        (cd $W && timeout ${BASELINE_TIMEOUT:-300} python3 $REPO/bench/baseline_sft.py --engine $engine --max_steps $steps -- \
             "${GUIDE[@]}" "$@" 2>$L/baseline_${name}_$engine.err | sed "s/^{/{\"workload\": \"$name\", /") \
             | tee -a $OUT/workloads.jsonl || tail -3 $L/baseline_${name}_$engine.err
     done
 }
+START=${CALL_START:-$(date +%s)}  # CALL_START/DEADLINE_S: parts that would start past the deadline are skipped
 for part in ${*:-guide mixed chat long bench}; do
+if [ -n "${DEADLINE_S:-}" ] && [ $(( $(date +%s) - START )) -gt $DEADLINE_S ]; then
+    echo "$part: skipped ($(( $(date +%s) - START )) s into the call, deadline $DEADLINE_S s)"; continue
+fi
 case $part in
 guide)  # each on a cold Triton cache, as on a fresh machine
        TRITON_CACHE_DIR=/tmp/triton-g1 sft guide; summary guide $L/guide.log
@@ -24,10 +28,13 @@ guide)  # each on a cold Triton cache, as on a fresh machine
 mixed) sft mixed "${MIXED[@]}"; summary mixed $L/mixed.log; grep -h "CUDA graph" $L/mixed.log
        sft mixed_eager "${MIXED[@]}" --cuda_graphs false; summary mixed_eager $L/mixed_eager.log ;;
 mixed_baseline) baseline mixed ${BASELINE_STEPS:-40} "${MIXED[@]}" ;;
+mixed_gc) sft mixed_gc "${MIXED[@]}" --gradient_checkpointing true; summary mixed_gc $L/mixed_gc.log ;;
 chat) sft chat "${CHAT[@]}"; summary chat $L/chat.log ;;
-chat_baseline) baseline chat 4 "${CHAT[@]}" ;;
+chat_gc) sft chat_gc "${CHAT[@]}" --gradient_checkpointing true; summary chat_gc $L/chat_gc.log ;;  # at the baselines' memory
+chat_baseline) baseline chat ${CHAT_BASELINE_STEPS:-4} "${CHAT[@]}" ;;
 long) sft long "${LONG[@]}"; summary long $L/long.log ;;
-long_baseline) baseline long 2 "${LONG[@]}" ;;
+long_gc) sft long_gc "${LONG[@]}" --gradient_checkpointing true; summary long_gc $L/long_gc.log ;;
+long_baseline) baseline long ${LONG_BASELINE_STEPS:-2} "${LONG[@]}" ;;
 bench) timeout 150 python3 bench/bench_lora.py --engines hf_gc,tsgraph_fit --skip_loss_check --skip_guide \
            --out $L/bench_graphs.json > $L/bench_graphs.log 2>&1; grep -hE "^(hf|ts)" $L/bench_graphs.log ;;
 *) echo "unknown part $part" ;;
