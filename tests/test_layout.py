@@ -12,6 +12,7 @@ FLOORS = {
     "cli": 6, "__main__": 6,
     "webui.app": 6,  # builds and checks `tunesmith sft` command lines with cli's parser
     "inference.infer": 4, "inference.deploy": 4, "inference.evaluate": 4, "export.merge": 4, "export.gguf": 4,
+    "export.modelfile": 4,
     "data.inspect": 4,  # commands
     "train.recipe": 3, "train.loop": 3, "train.batches": 3, "train.run_log": 3, "train.distributed": 3,
     "train.planner": 3, "train.checkpoint": 3, "train.resume": 3, "train.stopping": 3,  # train

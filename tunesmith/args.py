@@ -14,6 +14,11 @@ from typing import Optional
 
 from .errors import UserError
 
+# --gguf_type: the 16-bit and 32-bit types export/gguf.py writes itself, then llama-quantize's types that need no
+# importance matrix and suit dense models (q3_k/q4_k/q5_k: the _m mixes, as there), made by llama.cpp's quantizer
+GGUF_TYPES = ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_k", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+              "q4_k", "q4_1", "q4_0", "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q3_k", "iq3_m", "iq3_s", "q2_k")
+
 
 def arg(default, help: str, **kw):
     """A dataclass field with a one-line help text (shown by --help)."""
@@ -255,12 +260,18 @@ class ExportArguments(BaseArguments):
     adapters: list[str] = arg([], "the checkpoint folder to export (its base model comes from its args.json)")
     merge_lora: bool = arg(False, "merge the adapter into the base: a standalone Hugging Face model folder (CKPT-merged/)")
     to_gguf: bool = arg(False, "write a GGUF file for llama.cpp / Ollama (an adapter is merged first)")
-    gguf_type: str = arg("f16", "GGUF weight type: f16, q8_0 or f32", choices=["f16", "q8_0", "f32"])
+    gguf_type: str = arg(
+        "f16", "GGUF weight type: f16, bf16, f32, or one of llama.cpp's quantizations (q8_0, q6_k, q5_k_m, q4_k_m, "
+        "q4_0, q3_k_m, q2_k, iq4_xs, ...; these need `pip install 'tunesmith[gguf]'`)"
+    )
+    to_ollama: bool = arg(False, "with --to_gguf: write an Ollama Modelfile beside the GGUF file (`ollama create NAME -f Modelfile`)")
     output_dir: Optional[str] = arg(None, "where to write (default: CKPT-merged/ next to the checkpoint; MODEL-gguf/ for a --model folder)")
     max_shard_size: str = arg("5GB", "largest safetensors shard of the merged model")
 
     def validate(self) -> None:
         super().validate()
+        if self.to_ollama and not self.to_gguf:
+            raise UserError("--to_ollama writes a Modelfile for a GGUF file: add --to_gguf true")
         if not (self.merge_lora or self.to_gguf):
             raise UserError("nothing to do: pass --merge_lora true (a merged Hugging Face folder) and/or --to_gguf true")
         if len(self.adapters) > 1:
@@ -269,6 +280,9 @@ class ExportArguments(BaseArguments):
             raise UserError("--merge_lora needs --adapters CKPT (the checkpoint to merge into its base model)")
         if self.to_gguf and not self.adapters and not self.model:
             raise UserError("--to_gguf needs --adapters CKPT or --model FOLDER (e.g. a merged model)")
+        typed, self.gguf_type = self.gguf_type, self.gguf_type.lower()
+        if self.gguf_type not in GGUF_TYPES:
+            raise UserError(f"--gguf_type {typed}: expected one of {', '.join(GGUF_TYPES)}")
 
 
 @dataclass

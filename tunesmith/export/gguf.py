@@ -1,12 +1,15 @@
 """Hugging Face folder -> one GGUF file (weights, config, tokenizer, chat template) for llama.cpp / Ollama.
 
-Written with the `gguf` library's own writer, tensor-name maps and Q8_0 quantizer. Supported:
-qwen2 and llama architectures with a byte-level BPE tokenizer (tokenizer.json), as llama.cpp's
-convert_hf_to_gguf.py lays them out. After writing, the file is read back and checked.
+f32, f16 and bf16 are written with the `gguf` library's own writer and tensor-name maps; every quantized
+type (q8_0, q4_k_m, ...) is made from that 16-bit file by llama.cpp's own quantizer (llama-cpp-python's
+llama_model_quantize), as `convert_hf_to_gguf.py` + `llama-quantize` would. Supported: qwen2 and llama
+architectures with a byte-level BPE tokenizer (tokenizer.json). Each file is read back and checked, and
+appears under its name only when complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import tempfile
@@ -15,86 +18,168 @@ from pathlib import Path
 
 import numpy as np
 
+from ..args import GGUF_TYPES
 from ..errors import UserError
 from ..console import log
 
 # Our name -> (gguf architecture, tokenizer pre-tokenizer name llama.cpp knows)
 ARCHITECTURES = {"qwen2": ("qwen2", "qwen2"), "llama": ("llama", "smollm")}
+OWN_TYPES = GGUF_TYPES[:3]  # f16, bf16, f32: written here; the rest come from llama.cpp's quantizer
+INSTALL = "pip install 'tunesmith[gguf]'"
 
 
-def write_gguf(model_dir: Path, out: Path, gguf_type: str) -> Path:
-    import gguf
-    from safetensors import safe_open
-
+def check_config(model_dir: Path) -> dict:
+    """config.json of a model this export can write, or one line on why not (also asked before a merge)."""
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     kind = cfg.get("model_type")
     if kind not in ARCHITECTURES:
         raise UserError(f"--to_gguf: {model_dir} is a {kind} model; GGUF export supports {', '.join(ARCHITECTURES)} "
                         "(use llama.cpp's convert_hf_to_gguf.py on the merged folder for others)")
     rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
         raise UserError(f"--to_gguf: {model_dir} uses RoPE scaling, which this GGUF export does not write yet")
+    return cfg
+
+
+def write_gguf(model_dir: Path, out: Path, gguf_type: str) -> Path:
+    cfg = check_config(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise UserError(f"--to_gguf: {model_dir} has no tokenizer.json (a byte-level BPE tokenizer is needed)")
+    quantized = gguf_type not in OWN_TYPES
+    if quantized:
+        _llama_cpp(gguf_type)  # before minutes of writing: is the quantizer there?
+    # llama.cpp's own route: a 16-bit file first (bf16 for bf16 weights, f16 otherwise), then quantize it
+    first = ("bf16" if str(cfg.get("dtype") or cfg.get("torch_dtype")) == "bfloat16" else "f16") if quantized else gguf_type
 
     t0 = time.time()
-    arch, pre = ARCHITECTURES[kind]
-    n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_heads)
+    tmp = _temp_beside(out)
+    done = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
-        os.close(fd)
-    except OSError as e:
-        raise UserError(f"--output_dir: cannot write {out} ({e.strerror})") from None
-    tmp = Path(tmp_name)
-    try:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(cfg.get("_name_or_path") or model_dir.name)
-        w.add_context_length(cfg["max_position_embeddings"])
-        w.add_embedding_length(cfg["hidden_size"])
-        w.add_block_count(n_layers)
-        w.add_feed_forward_length(cfg["intermediate_size"])
-        w.add_head_count(n_heads)
-        w.add_head_count_kv(n_kv)
-        w.add_rope_freq_base(float(theta))
-        w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-        if arch == "llama":
-            w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
-            w.add_vocab_size(cfg["vocab_size"])
-        file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-        w.add_file_type(file_type)
-        _add_tokenizer(w, model_dir, cfg["vocab_size"], pre)
-
-        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
-        written = 0
-        for shard in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(shard, "pt") as f:
-                for key in f.keys():
-                    if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-                        continue
-                    new = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                    if new is None:
-                        raise UserError(f"--to_gguf: no GGUF name for tensor {key} of {model_dir}")
-                    data = f.get_tensor(key).float().numpy()
-                    if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
-                        data = _permute(data, n_heads, n_heads if "q_proj" in key else n_kv)
-                    _add_tensor(w, gguf, new, data, gguf_type)
-                    written += 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        check_gguf(tmp, model_dir, cfg, written)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        n_tensors = _write(model_dir, cfg, tmp, first)
+        check_gguf(tmp, model_dir, cfg, n_tensors)
+        if quantized:
+            done = _temp_beside(out)
+            _quantize(tmp, done, gguf_type)
+            check_gguf(done, model_dir, cfg, n_tensors)
+        else:
+            done, tmp = tmp, None
+        os.chmod(done, 0o644)
+        os.replace(done, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        for leftover in (tmp, done):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
     log(f"GGUF ({gguf_type}) written to {out}: {out.stat().st_size / 2**20:.0f} MiB in {time.time() - t0:.0f} s")
     print(f"gguf_file: {out}", flush=True)
     return out
+
+
+def _temp_beside(out: Path) -> Path:
+    """A hidden file next to `out`, renamed into place only when complete."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"--output_dir: cannot write {out} ({e.strerror})") from None
+    return Path(name)
+
+
+def _write(model_dir: Path, cfg: dict, path: Path, gguf_type: str) -> int:
+    """Our GGUF writer (f32, f16, bf16); returns the number of tensors written."""
+    import gguf
+    from safetensors import safe_open
+
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    arch, pre = ARCHITECTURES[cfg["model_type"]]
+    n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_heads)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(cfg.get("_name_or_path") or model_dir.name)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    if arch == "llama":
+        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+        w.add_vocab_size(cfg["vocab_size"])
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[gguf_type]
+    w.add_file_type(file_type)
+    _add_tokenizer(w, model_dir, cfg["vocab_size"], pre)
+
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
+    written = 0
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                    continue
+                new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if new is None:
+                    raise UserError(f"--to_gguf: no GGUF name for tensor {key} of {model_dir}")
+                data = f.get_tensor(key).float().numpy()
+                if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+                    data = _permute(data, n_heads, n_heads if "q_proj" in key else n_kv)
+                _add_tensor(w, gguf, new, data, gguf_type)
+                written += 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def _llama_cpp(gguf_type: str):
+    """llama-cpp-python, or one line on how to get it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"--gguf_type {gguf_type} is made by llama.cpp's quantizer, which needs llama-cpp-python: "
+                        f"{INSTALL} (it builds llama.cpp, ~20 min on 2 cores); {', '.join(OWN_TYPES)} need nothing more") from None
+
+    if not hasattr(llama_cpp, _ftype_name(gguf_type)):
+        raise UserError(f"--gguf_type {gguf_type}: llama-cpp-python {llama_cpp.__version__} does not know this type; "
+                        "pip install -U llama-cpp-python")
+    return llama_cpp
+
+
+def _ftype_name(gguf_type: str) -> str:
+    name = gguf_type.upper() + ("_M" if gguf_type in ("q3_k", "q4_k", "q5_k") else "")  # llama-quantize's aliases
+    return f"LLAMA_FTYPE_MOSTLY_{name}"
+
+
+def _quantize(src: Path, dst: Path, gguf_type: str) -> None:
+    """llama.cpp's llama_model_quantize, its log kept quiet: fallbacks are counted, its reason for failing is shown."""
+    llama_cpp = _llama_cpp(gguf_type)
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(_level, text, _user):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _ftype_name(gguf_type))
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if failed:
+        said = [t.split("failed to quantize: ", 1)[1].strip() for t in lines if "failed to quantize: " in t]
+        why = said[-1] if said else f"return code {failed}"
+        raise UserError(f"--gguf_type {gguf_type}: llama.cpp's quantizer failed ({why}); nothing was written")
+    fallback = sum("not divisible" in t for t in lines)
+    if fallback:
+        log(f"llama.cpp: {fallback} tensors have rows that {gguf_type}'s blocks do not divide and took its fallback type")
 
 
 def _add_tensor(w, gguf, name: str, data: np.ndarray, gguf_type: str) -> None:
@@ -104,8 +189,8 @@ def _add_tensor(w, gguf, name: str, data: np.ndarray, gguf_type: str) -> None:
     elif gguf_type == "f16":
         w.add_tensor(name, data.astype(np.float16))
     else:
-        q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
 
 
 def _permute(w: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:

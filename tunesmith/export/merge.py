@@ -3,6 +3,7 @@
     tunesmith export --adapters CKPT --merge_lora true      CKPT-merged/: a standalone Hugging Face model
     tunesmith export --adapters CKPT --to_gguf true         CKPT-merged/ plus CKPT-merged/model-f16.gguf
     tunesmith export --model DIR --to_gguf true --gguf_type q8_0   a GGUF file of any qwen2/llama folder
+    ... --to_gguf true --gguf_type q4_k_m --to_ollama true          + a Modelfile beside it (`ollama create`)
 
 The merge is checked before it is shown: the written folder is loaded back with plain transformers and
 its logits are compared with base + adapter on a few prompts. Everything is written into a hidden
@@ -33,6 +34,8 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.25}
 
 def run(args: ExportArguments) -> int:
     if args.adapters:
+        if args.to_gguf:
+            _check_gguf_base(args)  # an unsupported family is one line before minutes of merging
         merged = merge(args)
     else:
         from ..model.resolve import resolve_model
@@ -40,13 +43,39 @@ def run(args: ExportArguments) -> int:
         merged = resolve_model(args.model).path
     if args.to_gguf:
         from .gguf import write_gguf
+        from .modelfile import write_modelfile
 
         if args.adapters:
             folder = merged
         else:
             folder = Path(args.output_dir) if args.output_dir else merged.parent / f"{merged.name}-gguf"
-        write_gguf(merged, folder / f"model-{args.gguf_type}.gguf", args.gguf_type)
+        path = folder / f"model-{args.gguf_type}.gguf"
+        ollama = _modelfile(args, merged, path.name) if args.to_ollama else None  # its problems before the long write
+        write_gguf(merged, path, args.gguf_type)
+        if ollama:
+            write_modelfile(ollama, folder)
     return 0
+
+
+def _check_gguf_base(args: ExportArguments) -> None:
+    from ..args import load_args_json
+    from ..models import resolve_model
+    from .gguf import check_config
+
+    trained = Path(args.adapters[0]) / "args.json"
+    base = args.model or (load_args_json(trained).get("model") if trained.is_file() else None)
+    if base:  # else merge() says what is missing
+        check_config(resolve_model(base).path)
+
+
+def _modelfile(args: ExportArguments, merged: Path, gguf_name: str) -> str:
+    """The Modelfile's text; its SYSTEM is the adapter's training prompt (kept in the merged folder's marker)."""
+    from ..models import load_tokenizer
+    from .modelfile import modelfile
+
+    marker = merged / MARKER
+    trained = json.loads(marker.read_text(encoding="utf-8")).get("system") if marker.is_file() else None
+    return modelfile(load_tokenizer(merged), args.system if args.system is not None else trained, gguf_name)
 
 
 def merged_dir(args: ExportArguments) -> Path:
@@ -78,7 +107,7 @@ def merge(args: ExportArguments) -> Path:
         model.config.dtype = save_dtype
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         chat.tok.save_pretrained(staging)
-        base_name = chat.args.model
+        base_name, system = chat.args.model, chat.args.system
         del model, chat
         make_portable(staging)
 
@@ -97,7 +126,7 @@ def merge(args: ExportArguments) -> Path:
             raise UserError(f"the merged model answers differently from base + adapter (max logit difference {diff:.3g} "
                             f"> {tol:g} for {name}); nothing was written")
         (staging / MARKER).write_text(json.dumps({
-            "adapter": str(Path(args.adapters[0]).resolve()), "base_model": base_name, "dtype": name,
+            "adapter": str(Path(args.adapters[0]).resolve()), "base_model": base_name, "system": system, "dtype": name,
             "max_logit_difference": diff, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _publish(staging, final)
