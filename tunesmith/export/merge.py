@@ -59,7 +59,7 @@ def run(args: ExportArguments) -> int:
 
 def _check_gguf_base(args: ExportArguments) -> None:
     from ..args import load_args_json
-    from ..models import resolve_model
+    from ..model.resolve import resolve_model
     from .gguf import check_config
 
     trained = Path(args.adapters[0]) / "args.json"
@@ -70,7 +70,7 @@ def _check_gguf_base(args: ExportArguments) -> None:
 
 def _modelfile(args: ExportArguments, merged: Path, gguf_name: str) -> str:
     """The Modelfile's text; its SYSTEM is the adapter's training prompt (kept in the merged folder's marker)."""
-    from ..models import load_tokenizer
+    from ..model.load import load_tokenizer
     from .modelfile import modelfile
 
     marker = merged / MARKER
