@@ -6,6 +6,7 @@ Names and defaults follow ms-swift 3.x so the guide's commands work verbatim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -83,8 +84,6 @@ class DataArguments(BaseArguments):
 
     def validate(self) -> None:
         super().validate()
-        from .data.sources import parse_columns
-
         for name in ["model_name", "model_author"]:
             if len(getattr(self, name)) > 2:
                 raise UserError(f"--{name} takes one value, or two (Chinese, English); got {len(getattr(self, name))}")
@@ -92,7 +91,12 @@ class DataArguments(BaseArguments):
             raise UserError(f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}")
         if not self.dataset and not getattr(self, "dry_run", False):
             raise UserError("no training data: pass --dataset FILE (e.g. --dataset self_cognition.json)")
-        parse_columns(self.columns)
+        self.column_map  # a bad --columns stops here, before anything loads
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """--columns as old -> new field names (each distinct value parsed once)."""
+        return dict(parse_columns(self.columns))
 
 
 @dataclass
@@ -341,6 +345,21 @@ class WebUiArguments:
             raise UserError(f"--port {self.port}: expected 0-65535")
         if self.max_new_tokens <= 0:
             raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
+@functools.lru_cache(maxsize=None)
+def parse_columns(text: str | None) -> dict[str, str]:
+    """--columns '{"prompt": "instruction", "completion": "output"}': rename fields before detection."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise UserError(f"--columns {text!r}: expected a JSON object of old to new field names, "
+                        """e.g. --columns '{"prompt": "instruction", "completion": "output"}'""")
+    return data
 
 
 def normalize_dtype(name: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import Source, open_sources, parse_columns, split
+from .sources import Source, open_sources, split
 from ..errors import UserError
 from ..model.resolve import cache_root
 from ..console import log
@@ -72,7 +72,7 @@ class Prepared:
 
 def prepare(args, tok, model_path: Path, use_cache: bool = True) -> Prepared:
     """Training and validation samples for `args` (SftArguments or InspectArguments)."""
-    columns = parse_columns(args.columns)
+    columns = args.column_map
     train_src = open_sources(args.dataset, columns)
     val_src = open_sources(getattr(args, "val_dataset", []), columns)
     template = ChatTemplate(tok, args.system, getattr(args, "enable_thinking", None))
@@ -103,7 +103,7 @@ def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
         "sources": [(s.spec.text, s.fingerprint()) for s in sources],
         "n_train": len(args.dataset), "seed": args.seed, "split": getattr(args, "split_dataset_ratio", 0.0),
         "system": args.system, "thinking": getattr(args, "enable_thinking", None), "max_length": args.max_length, "truncation": args.truncation_strategy,
-        "loss_scale": args.loss_scale, "columns": parse_columns(args.columns),
+        "loss_scale": args.loss_scale, "columns": args.column_map,
         "names": args.model_name, "authors": args.model_author,
     }
     h.update(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode())

@@ -73,20 +73,6 @@ def parse_spec(text: str) -> DatasetSpec:
     return DatasetSpec(text, name, hub, subset, n)
 
 
-def parse_columns(text: str | None) -> dict[str, str]:
-    """--columns '{"prompt": "instruction", "completion": "output"}': rename fields before detection."""
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise UserError(f"--columns {text!r}: expected a JSON object of old to new field names, "
-                        """e.g. --columns '{"prompt": "instruction", "completion": "output"}'""")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading files as streams of (where, record)
 
