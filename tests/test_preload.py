@@ -51,3 +51,18 @@ def test_model_built_around_staged_tensors_is_the_usual_model(default_model):
     ids = torch.tensor([[9707, 11, 1879, 0, 151644, 872]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, usual(ids).logits)
+
+
+def test_staged_load_reserves_no_second_copy(default_model, monkeypatch):
+    """transformers' allocator warm-up reserves the model's size on the GPU before loading a state dict; for
+    staged tensors (adopted, not copied) that only doubled the peak, so the staged load skips it, and only it."""
+    from transformers import modeling_utils
+
+    calls = []
+    monkeypatch.setattr(modeling_utils, "caching_allocator_warmup", lambda *a, **k: calls.append(a))
+    files = sorted(default_model.glob("*.safetensors"))
+    model = from_tensors(default_model, preload.read_into(files, "cpu", torch.float32), torch.float32, "cpu")
+    assert model is not None and calls == []
+    load_model(default_model, torch.float32, "cpu")  # (CPU loads take no device map: warm-up not asked for)
+    modeling_utils.caching_allocator_warmup(None, {}, None)
+    assert len(calls) == 1  # the warm-up is back for every other load
