@@ -91,9 +91,10 @@ def _shift(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE]
 
 
-def loss_of(model, batch) -> "torch.Tensor":
+def loss_of(model, batch, loss=fused_loss.linear_cross_entropy) -> "torch.Tensor":
     """Summed cross-entropy over answer tokens. The vocabulary projection runs only where there is
-    loss, in chunks that are recomputed in backward, so the [tokens, vocab] logits never exist."""
+    loss, in chunks that are recomputed in backward, so the [tokens, vocab] logits never exist.
+    `loss(hidden, head, targets)` at the answer positions: rlhf passes per-token log-probabilities."""
     base = model.get_base_model()
     lora_linear.begin_forward(batch["input_ids"].device)  # this pass's dropout masks
     extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if k in batch}
@@ -102,4 +103,21 @@ def loss_of(model, batch) -> "torch.Tensor":
                                  position_ids=batch["position_ids"], use_cache=False, **extra)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         hidden = hidden.index_select(0, batch["loss_positions"])
-        return fused_loss.linear_cross_entropy(hidden, base.get_output_embeddings(), batch["loss_targets"])
+        return loss(hidden, base.get_output_embeddings(), batch["loss_targets"])
+
+
+class AnswerTokens:
+    """What fit() trains on for sft: a window's loss is the mean over its answer tokens, its samples are
+    packed into rows by micro_batches and their loss is loss_of's. rlhf brings its own (train/preference.py)."""
+
+    def units(self, samples: list[Encoded]) -> int:
+        return sum(s.n_trained for s in samples)
+
+    def length(self, sample: Encoded) -> int:
+        return len(sample.input_ids)
+
+    def batches(self, samples: list[Encoded], args: SftArguments, device: str):
+        return list(micro_batches(samples, args, device))
+
+    def metrics(self) -> dict:
+        return {}

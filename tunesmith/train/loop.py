@@ -22,7 +22,7 @@ from .checkpoint import save_checkpoint
 from .stopping import NonFinite, StopSignals
 from ..console import log
 from ..data.template import Encoded
-from .batches import batch_windows, loss_of, micro_batches, with_last
+from .batches import AnswerTokens, batch_windows, loss_of, micro_batches, with_last
 from .run_log import append_jsonl, hms, plot_loss, report_startup
 
 
@@ -31,14 +31,16 @@ from .run_log import append_jsonl, hms, plot_loss, report_startup
 
 
 def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name,
-        marks=None, state=None, par=None, forward=None, graphed=None) -> dict:
+        marks=None, state=None, par=None, forward=None, graphed=None, objective=None) -> dict:
     """Train from step state["global_step"] + 1 (0 for a new run) to max_steps.
     `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss;
-    `graphed` (cuda_graphs.py): replays each packed row from a CUDA graph where it can."""
+    `graphed` (cuda_graphs.py): replays each packed row from a CUDA graph where it can;
+    `objective`: what a window's loss is a mean over, and its batches (sft: AnswerTokens; rlhf: preference.py)."""
     from tqdm import tqdm
 
     par = par or distributed.Parallel()
     forward = forward or (lambda batch: loss_of(model, batch))
+    objective = objective or AnswerTokens()
     max_steps, accumulation = plan["max_steps"], plan["accumulation"]
     state = state or {"global_step": 0, "log_history": []}
     done = state["global_step"]
@@ -59,14 +61,14 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
         for step in range(done + 1, max_steps + 1):
             epoch, window = next(windows)
             whole = [train_set[i] for i in window]
-            n_target = sum(s.n_trained for s in whole)  # the whole window's, on every rank
-            mine = par.share(window, lambda i: len(train_set[i].input_ids))
+            n_target = objective.units(whole)  # the whole window's, on every rank
+            mine = par.share(window, lambda i: objective.length(train_set[i]))
             weight = par.loss_scale / n_target
             if not mine:  # fewer samples than processes: join the gradient exchange with a zero loss
                 mine, weight = window[:1], 0.0
             samples = [train_set[i] for i in mine]
 
-            micros = list(micro_batches(samples, args, device))
+            micros = objective.batches(samples, args, device)
             replayed = graphed.window(micros, weight, max_steps - step + 1) if graphed else None  # from CUDA graphs
             if replayed is not None:
                 loss_sum = nonfinite.poison(replayed, step)
@@ -91,7 +93,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
             if good:
                 pending["loss"].append(loss_sum)
                 pending["grad_norm"].append(grad_norm)
-            pending["tokens"] += sum(len(s.input_ids) for s in whole)
+            pending["tokens"] += sum(objective.length(s) for s in whole)
             elapsed = time.time() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -110,6 +112,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
                     "memory(GiB)": round(_memory_gib(device), 2),
                     "train_speed(s/it)": round(elapsed / step, 4),
                     "tokens/s": round(pending["tokens"] / max(1e-9, elapsed - pending.get("since", 0)), 1),
+                    **objective.metrics(),
                 }
                 append_jsonl(log_path, entry)
                 history.append({"step": step, "loss": entry["loss"]})
