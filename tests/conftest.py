@@ -142,3 +142,12 @@ def tuned(tmp_path_factory, default_model):
     proc = tunesmith("sft", *README_SFT, "--output_dir", out / "output")
     ckpt = Path(proc.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1])
     return ckpt, ckpt.parent, proc
+
+
+def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard curves of a run folder (RUN/runs/), read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "runs"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -50,7 +50,8 @@ def same_training(single, multi):
     assert cfg1.keys() == cfg2.keys() and set(cfg1["target_modules"]) == set(cfg2["target_modules"])
     run = ckpt2.parent
     assert [p.name for p in run.parent.iterdir()] == [run.name]  # one run folder, written by rank 0 alone
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoint-4", "images", "logging.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoint-4", "images", "logging.jsonl", "runs"]
+    assert len(list((run / "runs").iterdir())) == 1  # one TensorBoard event file
     assert proc.stdout.count("last_model_checkpoint") == 1
     assert proc.stderr.count("run folder:") == 1 and "Traceback" not in proc.stderr
 

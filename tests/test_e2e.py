@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GUIDE_DATA, README_SFT, tunesmith
+from conftest import GUIDE_DATA, README_SFT, curves, tunesmith
 
 pytestmark = pytest.mark.slow
 IDENTITY = "迪菲赫尔曼"
@@ -50,6 +50,13 @@ def test_run_folder_is_laid_out_like_the_reference(tuned):
     for key in ["loss", "grad_norm", "learning_rate", "epoch", "elapsed_time", "remaining_time", "memory(GiB)", "tokens/s"]:
         assert key in steps[0]
     assert steps[-1]["loss"] < steps[0]["loss"] / 5
+    # --report_to tensorboard (the default): the same numbers as curves, for `tensorboard --logdir output`
+    drawn = curves(run)
+    logged = {int(x["global_step/max_steps"].split("/")[0]): x for x in steps}
+    for tag, key in [("train/loss", "loss"), ("train/learning_rate", "learning_rate"), ("train/grad_norm", "grad_norm"),
+                     ("train/tokens_per_second", "tokens/s"), ("train/memory_gib", "memory(GiB)")]:
+        assert [s for s, _ in drawn[tag]] == list(logged), tag
+        assert [v for _, v in drawn[tag]] == pytest.approx([x[key] for x in logged.values()], rel=1e-6), tag
     saved = json.loads((ckpt / "args.json").read_text())
     assert saved["model"] == "qwen2.5-0.5b" and saved["system"] == "You are a helpful assistant."
     assert "optimizer steps in all" in proc.stderr
@@ -117,6 +124,8 @@ def test_checkpoint_rotation_validation_and_the_step_warning(tmp_path, default_m
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no half-written leftovers
     evals = [json.loads(x) for x in (run / "logging.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert [e["global_step/max_steps"] for e in evals] == ["2/4", "4/4"]
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in curves(run)["eval/loss"]] == [(2, evals[0]["eval_loss"]),
+                                                                                      (4, evals[1]["eval_loss"])]
     assert "held out 2 records" in proc.stderr
 
     proc = tunesmith("sft", "--dataset", GUIDE_DATA, "--num_train_epochs", "10", "--eval_steps", "50",

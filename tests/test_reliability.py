@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GUIDE_DATA, tunesmith
+from conftest import GUIDE_DATA, curves, tunesmith
 
 STEPS = 4
 SFT = ["sft", "--model", "smollm2-135m", "--dataset", str(GUIDE_DATA), "--max_steps", str(STEPS), "--save_steps", "1",
@@ -123,6 +123,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_adapter(tmp_path, 
     assert_same_adapter(final, reference)
     assert final.parent == next(out.glob("v*"))  # the same run folder goes on
     assert logged_steps(final.parent) == list(range(1, STEPS + 1))  # every step logged once, in order
+    assert [s for s, _ in curves(final.parent)["train/loss"]] == list(range(1, STEPS + 1))  # and drawn once
 
 
 def test_ctrl_c_saves_prints_the_resume_command_and_it_continues_exactly(tmp_path, reference):
@@ -233,3 +234,24 @@ def test_infer_refuses_a_damaged_checkpoint(tmp_path, reference):
     proc = tunesmith("infer", "--adapters", ckpt, "--query", "hi", check=False)
     assert proc.returncode == 2
     assert "damaged" in proc.stderr and "adapter_model.safetensors" in proc.stderr
+
+
+def test_report_to_wandb_offline_none_and_unknown(tmp_path):
+    """wandb with no account and no network (WANDB_MODE=offline) keeps the curves in the run folder; none writes
+    no curves; an unknown name is one line before anything loads."""
+    offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HTTPS_PROXY": "http://127.0.0.1:9"}  # no network
+    proc = sft(*SFT, "--max_steps", "2", "--output_dir", tmp_path / "w", "--report_to", "wandb", env_extra=offline)
+    run = last_checkpoint(proc).parent
+    assert not (run / "runs").exists()
+    [wandb_run] = (run / "wandb").glob("offline-run-*")
+    [records] = wandb_run.glob("run-*.wandb")  # what `wandb sync` uploads: history records, values as JSON text
+    data = records.read_bytes()
+    losses = [json.loads(x)["loss"] for x in (run / "logging.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 2 and b"train/loss" in data and b"train/grad_norm" in data
+    assert all(json.dumps(v).encode() in data for v in losses) and "wandb sync" in proc.stderr
+
+    run = last_checkpoint(sft(*SFT, "--max_steps", "1", "--output_dir", tmp_path / "n", "--report_to", "none")).parent
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoint-1", "images", "logging.jsonl"]
+    proc = sft(*SFT, "--output_dir", tmp_path / "x", "--report_to", "swanlab", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == ("tunesmith sft: error: --report_to swanlab: expected "
+                                                            "tensorboard, wandb, none (or all)")

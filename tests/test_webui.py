@@ -100,6 +100,7 @@ def test_train_watch_stop_and_chat_in_a_real_browser(webui):
         page.wait_for_function("document.getElementById('chart').dataset.points >= 3", timeout=120_000)
         expect(page.locator("#progress")).to_contain_text("of 200")
         expect(page.locator("#progress")).to_contain_text("ETA")
+        expect(page.locator("#curves")).to_contain_text("tensorboard --logdir ")  # the run's curves, one command away
 
         page.reload()  # the run survives a reload, and so does the form
         expect(page.locator("#status")).to_have_text("running")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -175,7 +176,10 @@ class SftArguments(DataArguments):
         5, "a step with a NaN/inf loss or gradient is skipped (no update); stop after this many in a row"
     )
     dataloader_num_workers: int = arg(0, "accepted for compatibility; tokenized data is prepared up front")
-    report_to: list[str] = arg([], "accepted for compatibility (logs go to logging.jsonl)")
+    report_to: list[str] = arg(
+        ["tensorboard"], "where the training curves go besides logging.jsonl: tensorboard (RUN/runs/; "
+        "`tensorboard --logdir output`), wandb (offline unless logged in), none"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -201,6 +205,7 @@ class SftArguments(DataArguments):
         for name in ["adam_beta1", "adam_beta2"]:
             if not (0 <= getattr(self, name) < 1):
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        reporters(self.report_to)
         if not self.target_modules:
             raise UserError("--target_modules needs at least one name, or all-linear")
         if self.quant_bits is not None and self.quant_method is None:
@@ -360,6 +365,22 @@ def parse_columns(text: str | None) -> dict[str, str]:
         raise UserError(f"--columns {text!r}: expected a JSON object of old to new field names, "
                         """e.g. --columns '{"prompt": "instruction", "completion": "output"}'""")
     return data
+REPORTERS = ("tensorboard", "wandb", "none")  # --report_to
+
+
+def reporters(report_to: list[str]) -> list[str]:
+    """The --report_to writers asked for ('none' alone means none), refusing unknown names and missing packages."""
+    names = [n.strip().lower() for item in report_to for n in str(item).split(",") if n.strip()]
+    bad = [n for n in names if n not in REPORTERS + ("all",)]
+    if bad:
+        raise UserError(f"--report_to {bad[0]}: expected {', '.join(REPORTERS)} (or all)")
+    if "none" in names:
+        return []
+    chosen = list(REPORTERS[:2]) if "all" in names else list(dict.fromkeys(names))
+    for name, install in [("tensorboard", "pip install tensorboard"), ("wandb", "pip install 'tunesmith[wandb]'")]:
+        if name in chosen and importlib.util.find_spec(name) is None:
+            raise UserError(f"--report_to {name} needs the {name} package: {install} (or pass --report_to none)")
+    return chosen
 
 
 def normalize_dtype(name: str) -> str:

@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from . import distributed
+from . import distributed, run_log
 from ..args import SftArguments, args_dict
 from .checkpoint import save_checkpoint
 from .stopping import NonFinite, StopSignals
@@ -47,7 +47,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
     windows = itertools.islice(  # a resumed run skips the windows it already trained on
         batch_windows(len(train_set), args.per_device_train_batch_size, accumulation * par.world, args.seed), done, None)
     eval_steps = args.eval_steps or args.save_steps
-    log_path = run_dir / "logging.jsonl" if par.main else None  # rank 0 alone writes
+    log_path = run_log.start(run_dir, args, done) if par.main else None  # rank 0 alone writes (and --report_to)
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if par.main else (lambda msg: None)
     history = state["log_history"]
     pending = state.get("pending") or {"loss": [], "tokens": 0, "grad_norm": []}

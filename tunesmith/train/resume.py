@@ -140,7 +140,8 @@ def restore(ckpt: Path, model, optimizer, scheduler) -> None:
 
 def continue_in(ckpt: Path, output_dir: str, step: int) -> Path:
     """The checkpoint's own run folder, or a new one when --output_dir now points elsewhere (e.g. a
-    bigger disk); logging.jsonl keeps only what happened up to the checkpoint, then a marker."""
+    bigger disk); logging.jsonl keeps only what happened up to the checkpoint, then a marker, and the
+    TensorBoard curves (runs/) come along."""
     old_run = ckpt.resolve().parent
     same = old_run.parent == Path(output_dir).resolve()
     run_dir = old_run if same else new_run_dir(output_dir)
@@ -156,6 +157,8 @@ def continue_in(ckpt: Path, output_dir: str, step: int) -> Path:
             if at.isdigit() and int(at) <= step:
                 kept.append(line)
     kept.append(json.dumps({"resumed_from": str(ckpt), "global_step": step}))
+    if not same and (old_run / "runs").is_dir():  # the curves go on in the new folder (run_log drops later points)
+        shutil.copytree(old_run / "runs", run_dir / "runs", dirs_exist_ok=True)
     tmp = run_dir / "logging.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(run_dir / "logging.jsonl")

@@ -213,6 +213,8 @@ class Runs:
             out["run_dir"] = run_dir
             out.update(_progress(Path(run_dir) / "logging.jsonl"))
             out["checkpoints"] = [str(c) for c in checkpoints(Path(run_dir))]
+            if (Path(run_dir) / "runs").is_dir():  # --report_to tensorboard: the command that shows its curves
+                out["curves"] = shlex.join(["tensorboard", "--logdir", str(Path(run_dir) / "runs")])
         bar = [m for m in re.finditer(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)", text)]
         if bar and alive:  # the bar moves every step; logging.jsonl only every --logging_steps
             step, total, elapsed, left = bar[-1].groups()

@@ -211,6 +211,8 @@ async function refresh() {
   $("progress").textContent = parts.join(" · ") || (run.status === "idle" ? "no run yet" : "");
   $("log").textContent = (run.log || []).join("\n");
   drawChart(run.points || [], run.eval_points || []);
+  $("curves").hidden = !run.curves;
+  $("curves").textContent = run.curves || "";
   const key = (run.checkpoints || []).join() + run.status;
   if (key !== shownCheckpoints) {
     shownCheckpoints = key;
