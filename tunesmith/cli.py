@@ -18,7 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
-from . import quiet
+from . import quiet, settings
 from .errors import UserError
 
 COMMANDS = {
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
             if code is not None:
                 return code
-        if hasattr(args, "model") and command in ("sft", "infer") and os.environ.get("TUNESMITH_NO_PREFETCH") != "1":
+        if hasattr(args, "model") and command in ("sft", "infer") and not settings.no_prefetch():
             from .model import preload
 
             preload.prefetch(args.model)  # overlaps reading the weights with the imports below

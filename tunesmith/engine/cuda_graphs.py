@@ -14,12 +14,12 @@ else, or a row with more samples than MAX_SAMPLES, runs eagerly.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
 from . import lora_linear
+from .. import settings
 from .kernels import next_pow2
 from ..console import log
 
@@ -224,11 +224,11 @@ def _abandon(pool, shared: bool) -> None:
 
 
 def fault_hook(static: dict) -> None:
-    """Test hook (TUNESMITH_FAULT_CAPTURE=N): the Nth capture meets an operation that cannot be captured (a
+    """Test hook (settings.fault_captures): the Nth capture meets an operation that cannot be captured (a
     host sync), as a kernel that cannot be captured would, so tests can check the fallback."""
     global _captures
     _captures += 1
-    if str(_captures) in os.environ.get("TUNESMITH_FAULT_CAPTURE", "").split(","):
+    if _captures in settings.fault_captures():
         static["input_ids"].sum().item()
 
 

@@ -20,9 +20,10 @@ import struct
 import threading
 from pathlib import Path
 
+from .. import settings
+
 CHUNK = 64 << 20  # bytes per pinned staging buffer
 PIECE = 32 << 20  # bytes per read of a prefetch thread
-READERS = int(os.environ.get("TUNESMITH_PREFETCH_READERS", "4"))  # prefetch threads
 SPARE = 2 << 30  # GPU memory the staged weights must leave free
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # torch's name -> the safetensors header's
 _stager: Stager | None = None
@@ -42,10 +43,11 @@ def model_files(name: str | None) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def prefetch(name: str | None, readers: int = READERS) -> None:
+def prefetch(name: str | None, readers: int | None = None) -> None:
     """Read the weight files into the page cache in the background, so the disk works while Python imports.
     Several threads read interleaved PIECE-sized pieces in file order: the disk serves several requests at
     once, and whoever reads the files next (the stager, or transformers) finds them cached in order."""
+    readers = readers or settings.prefetch_readers()
     files = model_files(name)
     pieces = [(f, at) for f in files for at in range(0, f.stat().st_size, PIECE)]
 
@@ -81,7 +83,7 @@ def stage(args) -> None:
     one process, no quantization or FSDP, a GPU device, half-precision or default dtype (checked against
     the files once torch is imported)."""
     global _stager
-    if os.environ.get("TUNESMITH_NO_STAGE") == "1" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if settings.no_stage() or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return
     if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
         return  # no NVIDIA driver here: not worth a thread importing torch
@@ -92,7 +94,9 @@ def stage(args) -> None:
     dtype = normalize_dtype(args.torch_dtype)
     files = model_files(args.model)
     if files and dtype in ("auto", "bfloat16", "float16"):
-        _stager = Stager(files, args.device, dtype)
+        from ..args import args_dict
+
+        _stager = Stager(files, args.device, dtype, args_dict(args))
         _stager.thread.start()
         threading.Thread(target=_warm_triton, name="tunesmith-warm-triton", daemon=True).start()
 
@@ -114,8 +118,8 @@ def _warm_triton() -> None:
 
 
 class Stager:
-    def __init__(self, files: list[Path], device: str, dtype: str):
-        self.files, self.device, self.dtype = files, device, dtype
+    def __init__(self, files: list[Path], device: str, dtype: str, args: dict | None = None):
+        self.files, self.device, self.dtype, self.args = files, device, dtype, args
         self.folder = files[0].parent.resolve()
         self.tensors: dict | None = None
         self.bytes = 0  # GPU memory it holds
@@ -138,6 +142,10 @@ class Stager:
                 return
             tensors = allocate(tables, dtype, self.device)
             self.bytes = nbytes
+            if self.args is not None and settings.kernel_prebuild():  # the kernels the first step needs, built beside the copy
+                from ..engine import kernel_cache
+
+                kernel_cache.start(self.folder, self.args, kernel_cache.workers_for(os.cpu_count(), free, nbytes))
             self.allocated.set()  # the planner may read the free memory now
             fill(self.files, tables, tensors)
             self.tensors = tensors

@@ -12,14 +12,14 @@ window runs as one padding-free packed sequence: the same update, far fewer, lar
 
 from __future__ import annotations
 import itertools
-import os
 import random
 import sys
 import time
 from . import distributed, run_log
+from .. import settings
 from ..args import SftArguments, args_dict
 from .checkpoint import save_checkpoint
-from .stopping import NonFinite, StopSignals
+from .stopping import NonFinite, StopSignals, poison
 from ..console import log
 from ..data.template import Encoded
 from .batches import AnswerTokens, batch_windows, loss_of, micro_batches, with_last
@@ -52,10 +52,10 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
     history = state["log_history"]
     pending = state.get("pending") or {"loss": [], "tokens": 0, "grad_norm": []}
     last_ckpt = state.get("checkpoint")
-    nonfinite = NonFinite(args.max_nonfinite_steps)
+    nonfinite, nan_steps = NonFinite(args.max_nonfinite_steps), settings.fault_nan_steps()
     t0 = time.time() - state.get("elapsed", 0.0)
     bar = tqdm(total=max_steps, initial=done, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=os.environ.get("TUNESMITH_NO_PROGRESS") == "1" or not par.main)
+               disable=settings.no_progress() or not par.main)
     model.train()
     with StopSignals() as stop:
         for step in range(done + 1, max_steps + 1):
@@ -71,9 +71,9 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
             micros = objective.batches(samples, args, device)
             replayed = graphed.window(micros, weight, max_steps - step + 1) if graphed else None  # from CUDA graphs
             if replayed is not None:
-                loss_sum = nonfinite.poison(replayed, step)
+                loss_sum = poison(replayed, step, nan_steps)
             else:
-                loss_sum = _eager_window(micros, forward, weight, par, lambda loss: nonfinite.poison(loss, step))
+                loss_sum = _eager_window(micros, forward, weight, par, lambda loss: poison(loss, step, nan_steps))
             # one host sync per optimizer step; the ranks' parts of the loss, and any stop request, summed
             loss_sum, stops = par.sum_floats(float(loss_sum) / par.loss_scale, stop.requested, device=device)
             stopping = stops > 0

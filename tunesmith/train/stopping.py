@@ -3,14 +3,12 @@
     StopSignals     Ctrl-C / SIGTERM: finish the step, save, print the resume command; twice: stop now
     NonFinite       a NaN/inf loss or gradient: skip that update; too many in a row: stop with a hint
 
-Test hook (not a user feature): TUNESMITH_FAULT_NAN_STEPS=3,4 multiplies the loss of those optimizer
-steps by NaN, so tests can drive the divergence handling on a healthy model.
+The test hook that drives NonFinite on a healthy model (settings.fault_nan_steps) is poison(), outside it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 
 from ..errors import UserError
@@ -59,11 +57,6 @@ class NonFinite:
     def __init__(self, patience: int):
         self.patience = patience
         self.in_a_row: list[int] = []
-        self.poison_steps = {int(s) for s in os.environ.get("TUNESMITH_FAULT_NAN_STEPS", "").split(",") if s.strip()}
-
-    def poison(self, loss, step: int):
-        """The test hook: a NaN loss (and so NaN gradients) at the chosen steps."""
-        return loss * float("nan") if step in self.poison_steps else loss
 
     def ok(self, step: int, loss: float, grad_norm: float) -> bool:
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -85,3 +78,8 @@ class NonFinite:
         return Diverged(f"training diverged: {len(steps)} steps in a row (steps {steps[0]}-{steps[-1]}) had a NaN/inf "
                         f"loss or gradient and were skipped; {kept}. Start again with a lower --learning_rate "
                         f"(now {args.learning_rate:g}){dtype}")
+
+
+def poison(loss, step: int, steps: set[int]):
+    """Test hook (settings.fault_nan_steps): a NaN loss, and so NaN gradients, at the chosen steps."""
+    return loss * float("nan") if step in steps else loss
