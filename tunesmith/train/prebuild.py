@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from ..engine.kernel_cache import watch
@@ -77,6 +78,7 @@ def main() -> int:
     try:
         _build(k, job)
     except Exception:
+        traceback.print_exc()  # (to nowhere in a run: start() gives workers no terminal; bench/prebuild_probe.py shows it)
         return 1
     folder = Path(job["marker"])
     folder.mkdir(parents=True, exist_ok=True)
