@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tunesmith.args import args_dict
 from tunesmith.cli import parse_args
 
