@@ -255,3 +255,21 @@ def test_report_to_wandb_offline_none_and_unknown(tmp_path):
     proc = sft(*SFT, "--output_dir", tmp_path / "x", "--report_to", "swanlab", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == ("tunesmith sft: error: --report_to swanlab: expected "
                                                             "tensorboard, wandb, none (or all)")
+
+
+def test_the_trainer_keeps_a_status_file_for_watchers(tmp_path):
+    """TUNESMITH_STATUS_FILE (set by the web UI): phase, step, ETA and checkpoint as JSON; a failure's one line."""
+    path = tmp_path / "status.json"
+    proc = sft(*SFT, "--max_steps", "2", "--output_dir", tmp_path / "o", env_extra={"TUNESMITH_STATUS_FILE": str(path)})
+    final = last_checkpoint(proc)
+    state = json.loads(path.read_text())
+    assert state["phase"] == "finished" and state["step"] == state["max_steps"] == 2
+    assert Path(state["checkpoint"]) == final and Path(state["run_dir"]) == final.parent
+    assert state["remaining_s"] == 0 and state["elapsed_s"] > 0 and state["tokens_per_s"] > 0
+    losses = [json.loads(x)["loss"] for x in (final.parent / "logging.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert state["loss"] == pytest.approx(losses[-1], rel=1e-5)
+
+    proc = sft("sft", "--model", "smollm2-135m", "--dataset", tmp_path / "missing.jsonl", check=False,
+               env_extra={"TUNESMITH_STATUS_FILE": str(path)})
+    state = json.loads(path.read_text())
+    assert proc.returncode == 2 and state["phase"] == "failed" and state["error"] == proc.stderr.strip()

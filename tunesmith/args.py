@@ -125,7 +125,9 @@ class SftArguments(DataArguments):
         None, "micro-batches per optimizer step (default: enough for 16 samples per step, as ms-swift)"
     )
     learning_rate: float = arg(1e-4, "peak learning rate")
-    lr_scheduler_type: str = arg("cosine", "learning-rate schedule", choices=["cosine", "linear", "constant"])
+    lr_scheduler_type: str = arg("cosine", "learning-rate schedule (transformers' get_scheduler, after the warm-up)",
+                                 choices=["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                                          "polynomial", "inverse_sqrt"])
     warmup_ratio: float = arg(0.0, "share of steps spent warming the learning rate up from 0")
     weight_decay: float = arg(0.1, "AdamW weight decay")
     adam_beta1: float = arg(0.9, "AdamW beta1")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import quiet, settings
 from .errors import UserError
+from .train import status
 
 COMMANDS = {
     "sft": ("SftArguments", "tunesmith.train.recipe", "train a LoRA adapter on your data"),
@@ -225,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if first_process():  # under torchrun every rank fails alike; one line is enough
             print(f"tunesmith {command}: error: {e}", file=sys.stderr)
+        status.update(phase="failed", error=f"tunesmith {command}: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print(f"\ntunesmith {command}: interrupted", file=sys.stderr)
+        status.update(phase="stopped")
         return 130
 
 

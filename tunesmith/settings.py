@@ -7,6 +7,7 @@ model/resolve, which uses them.)
     TUNESMITH_NO_STAGE=1           do not copy the weights onto the GPU during start-up (model/preload)
     TUNESMITH_PREFETCH_READERS=N   reader threads of the prefetch (default 4)
     TUNESMITH_KERNEL_PREBUILD=0    do not build the Triton kernels in worker processes during start-up
+    TUNESMITH_STATUS_FILE=PATH     `sft` keeps its state there as JSON (train/status.py; the web UI sets it)
 
 Test hooks, not user features (they make healthy runs fail on purpose, so tests can check the fallbacks):
 
@@ -17,6 +18,7 @@ Test hooks, not user features (they make healthy runs fail on purpose, so tests 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _on(name: str) -> bool:
@@ -46,6 +48,11 @@ def prefetch_readers() -> int:
 
 def kernel_prebuild() -> bool:
     return os.environ.get("TUNESMITH_KERNEL_PREBUILD", "1") != "0"
+
+
+def status_file() -> Path | None:
+    value = os.environ.get("TUNESMITH_STATUS_FILE")
+    return Path(value) if value else None
 
 
 def fault_captures() -> set[int]:

@@ -15,7 +15,7 @@ import itertools
 import random
 import sys
 import time
-from . import distributed, run_log
+from . import distributed, run_log, status
 from .. import settings
 from ..args import SftArguments, args_dict
 from .checkpoint import save_checkpoint
@@ -36,120 +36,166 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
     `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss;
     `graphed` (cuda_graphs.py): replays each packed row from a CUDA graph where it can;
     `objective`: what a window's loss is a mean over, and its batches (sft: AnswerTokens; rlhf: preference.py)."""
-    from tqdm import tqdm
-
     par = par or distributed.Parallel()
     forward = forward or (lambda batch: loss_of(model, batch))
     objective = objective or AnswerTokens()
-    max_steps, accumulation = plan["max_steps"], plan["accumulation"]
+    max_steps = plan["max_steps"]
     state = state or {"global_step": 0, "log_history": []}
     done = state["global_step"]
     windows = itertools.islice(  # a resumed run skips the windows it already trained on
-        batch_windows(len(train_set), args.per_device_train_batch_size, accumulation * par.world, args.seed), done, None)
-    eval_steps = args.eval_steps or args.save_steps
-    log_path = run_log.start(run_dir, args, done) if par.main else None  # rank 0 alone writes (and --report_to)
-    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if par.main else (lambda msg: None)
-    history = state["log_history"]
-    pending = state.get("pending") or {"loss": [], "tokens": 0, "grad_norm": []}
-    last_ckpt = state.get("checkpoint")
+        batch_windows(len(train_set), args.per_device_train_batch_size, plan["accumulation"] * par.world, args.seed),
+        done, None)
+    meter = Meter(run_dir, args, plan, state, par, device)  # logging.jsonl, curves, progress bar, status file
     nonfinite, nan_steps = NonFinite(args.max_nonfinite_steps), settings.fault_nan_steps()
-    t0 = time.time() - state.get("elapsed", 0.0)
-    bar = tqdm(total=max_steps, initial=done, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=settings.no_progress() or not par.main)
+    last_ckpt = state.get("checkpoint")
     model.train()
     with StopSignals() as stop:
         for step in range(done + 1, max_steps + 1):
-            epoch, window = next(windows)
+            # 1. Forward and backward over this step's window (this process's share of it).
+            _, window = next(windows)
             whole = [train_set[i] for i in window]
-            n_target = objective.units(whole)  # the whole window's, on every rank
-            mine = par.share(window, lambda i: objective.length(train_set[i]))
-            weight = par.loss_scale / n_target
-            if not mine:  # fewer samples than processes: join the gradient exchange with a zero loss
-                mine, weight = window[:1], 0.0
-            samples = [train_set[i] for i in mine]
-
-            micros = objective.batches(samples, args, device)
-            replayed = graphed.window(micros, weight, max_steps - step + 1) if graphed else None  # from CUDA graphs
-            if replayed is not None:
-                loss_sum = poison(replayed, step, nan_steps)
-            else:
-                loss_sum = _eager_window(micros, forward, weight, par, lambda loss: poison(loss, step, nan_steps))
-            # one host sync per optimizer step; the ranks' parts of the loss, and any stop request, summed
+            loss_sum = _window_loss(window, whole, train_set, objective, args, device, par, forward, graphed,
+                                    steps_left=max_steps - step + 1, poison_loss=lambda x: poison(x, step, nan_steps))
+            # one host sync per optimizer step: the processes' parts of the loss, and any stop request, summed
             loss_sum, stops = par.sum_floats(float(loss_sum) / par.loss_scale, stop.requested, device=device)
-            stopping = stops > 0
+
+            # 2. Clip and update. A NaN/inf step changes nothing; the schedule still moves on with the data.
             grad_norm = _clip(model, args.max_grad_norm)
             good = nonfinite.ok(step, loss_sum, grad_norm)
-            if good:  # a NaN/inf step changes nothing; the schedule still moves on with the data
+            if good:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if not good:
-                append_jsonl(log_path, {"skipped": "non-finite loss or gradient", "global_step/max_steps": f"{step}/{max_steps}"})
+                meter.skipped(step)
                 if nonfinite.gave_up:
                     raise nonfinite.error(last_ckpt, args)
-
             if step == 1 and marks:
                 report_startup(marks, device)
-            if good:
-                pending["loss"].append(loss_sum)
-                pending["grad_norm"].append(grad_norm)
-            pending["tokens"] += sum(objective.length(s) for s in whole)
-            elapsed = time.time() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            tok_s=f"{pending['tokens'] / max(1e-9, elapsed - pending.get('since', 0)):.0f}")
 
-            if (step % args.logging_steps == 0 or step == 1 or step == max_steps) and pending["loss"]:
-                entry = {
-                    "loss": round(sum(pending["loss"]) / len(pending["loss"]), 6),
-                    "grad_norm": round(sum(pending["grad_norm"]) / len(pending["grad_norm"]), 6),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "epoch": round(step / plan["steps_per_epoch"], 4),
-                    "global_step/max_steps": f"{step}/{max_steps}",
-                    "percentage": f"{100 * step / max_steps:.2f}%",
-                    "elapsed_time": hms(elapsed),
-                    "remaining_time": hms(elapsed / step * (max_steps - step)),
-                    "memory(GiB)": round(_memory_gib(device), 2),
-                    "train_speed(s/it)": round(elapsed / step, 4),
-                    "tokens/s": round(pending["tokens"] / max(1e-9, elapsed - pending.get("since", 0)), 1),
-                    **objective.metrics(),
-                }
-                append_jsonl(log_path, entry)
-                history.append({"step": step, "loss": entry["loss"]})
-                pending = {"loss": [], "tokens": 0, "grad_norm": [], "since": elapsed}
-
-            if val_set and (step % eval_steps == 0 or step == max_steps):
-                val_loss = evaluate(model, val_set, args, device, forward)
-                append_jsonl(log_path, {"eval_loss": round(val_loss, 6), "global_step/max_steps": f"{step}/{max_steps}",
-                                         "elapsed_time": hms(time.time() - t0)})
-                history.append({"step": step, "eval_loss": val_loss})
-                say(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}")
-
-            if (step % args.save_steps == 0 and good) or step == max_steps or stopping:
-                trainer_state = {"global_step": step, "max_steps": max_steps, "epoch": step / plan["steps_per_epoch"],
-                                 "log_history": history, "base_model": model_name, "pending": pending,
-                                 "elapsed": time.time() - t0, "data_fingerprint": state.get("data_fingerprint"),
-                                 "world_size": par.world}
-                adapter, optim = par.adapter_state(model), par.optimizer_state(model, optimizer)  # FSDP: gathered
-                if par.main:
-                    files = _resume_files(args, trainer_state, optim, scheduler)
-                    save_checkpoint(run_dir, step, model, files, args.save_total_limit, adapter)
-                    say(f"[tunesmith] saved {run_dir / f'checkpoint-{step}'}")
-                par.barrier()  # the checkpoint is complete before any rank goes on
-                last_ckpt = run_dir / f"checkpoint-{step}"
-            if stopping and step < max_steps:
-                bar.close()
+            # 3. Log, validate, save.
+            meter.stepped(step, loss_sum if good else None, grad_norm, sum(objective.length(s) for s in whole),
+                          scheduler.get_last_lr()[0], objective.metrics)
+            if val_set and (step % (args.eval_steps or args.save_steps) == 0 or step == max_steps):
+                meter.evaluated(step, evaluate(model, val_set, args, device, forward))
+            if (step % args.save_steps == 0 and good) or step == max_steps or stops:
+                last_ckpt = _save(model, optimizer, scheduler, args, run_dir, step, meter.trainer_state(step, model_name),
+                                  par, meter.say)
+            if stops and step < max_steps:
+                meter.close()
                 return {"checkpoint": last_ckpt, "step": step, "stopped_by": stop.exit_code if stop.requested else 143}
-    bar.close()
-    runtime = time.time() - t0
-    append_jsonl(log_path, {"train_runtime": round(runtime, 2), "train_steps": max_steps,
-                             "last_model_checkpoint": str(last_ckpt)})
-    try:
-        if par.main:
-            plot_loss(history, run_dir / "images" / "train_loss.png")
-    except OSError as e:  # the adapter is saved; a missing plot must not fail the run
-        log(f"could not write the loss plot ({e.strerror})")
-    return {"checkpoint": last_ckpt, "train_runtime": runtime}
+    return {"checkpoint": last_ckpt, "train_runtime": meter.finish(last_ckpt)}
+
+
+def _window_loss(window, whole, train_set, objective, args, device, par, forward, graphed, steps_left, poison_loss):
+    """Forward+backward of this process's share of a window, replayed from CUDA graphs where they are
+    captured; leaves the gradient in .grad and returns the summed loss (a mean over the whole window's units)."""
+    mine = par.share(window, lambda i: objective.length(train_set[i]))
+    weight = par.loss_scale / objective.units(whole)
+    if not mine:  # fewer samples than processes: join the gradient exchange with a zero loss
+        mine, weight = window[:1], 0.0
+    micros = objective.batches([train_set[i] for i in mine], args, device)
+    replayed = graphed.window(micros, weight, steps_left) if graphed else None
+    if replayed is not None:
+        return poison_loss(replayed)
+    return _eager_window(micros, forward, weight, par, poison_loss)
+
+
+def _save(model, optimizer, scheduler, args, run_dir, step, trainer_state, par, say):
+    """A checkpoint of the adapter and everything resume needs; rank 0 writes it, every rank waits for it."""
+    adapter, optim = par.adapter_state(model), par.optimizer_state(model, optimizer)  # FSDP: gathered
+    if par.main:
+        files = _resume_files(args, trainer_state, optim, scheduler)
+        save_checkpoint(run_dir, step, model, files, args.save_total_limit, adapter)
+        say(f"[tunesmith] saved {run_dir / f'checkpoint-{step}'}")
+    par.barrier()  # the checkpoint is complete before any rank goes on
+    status.update(checkpoint=str(run_dir / f"checkpoint-{step}"))
+    return run_dir / f"checkpoint-{step}"
+
+
+class Meter:
+    """What a run reports as it goes: logging.jsonl lines every --logging_steps (and --report_to's curves),
+    eval lines, the progress bar, the status file; and what of it a checkpoint keeps (trainer_state)."""
+
+    def __init__(self, run_dir, args, plan, state, par, device):
+        from tqdm import tqdm
+
+        self.args, self.plan, self.state, self.device = args, plan, state, device
+        self.max_steps = plan["max_steps"]
+        self.log_path = run_log.start(run_dir, args, state["global_step"]) if par.main else None  # rank 0 writes
+        self.say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if par.main else (lambda msg: None)
+        self.history = state["log_history"]
+        self.pending = state.get("pending") or {"loss": [], "tokens": 0, "grad_norm": []}
+        self.world = par.world
+        self.t0 = time.time() - state.get("elapsed", 0.0)
+        self.bar = tqdm(total=self.max_steps, initial=state["global_step"], desc="train", unit="step", file=sys.stderr,
+                        dynamic_ncols=True, disable=settings.no_progress() or not par.main)
+
+    def stepped(self, step: int, loss, grad_norm: float, tokens: int, lr: float, metrics) -> None:
+        """One optimizer step done (loss None: skipped as non-finite); a logging.jsonl line when it is due."""
+        pending = self.pending
+        if loss is not None:
+            pending["loss"].append(loss)
+            pending["grad_norm"].append(grad_norm)
+        pending["tokens"] += tokens
+        elapsed = time.time() - self.t0
+        speed = pending["tokens"] / max(1e-9, elapsed - pending.get("since", 0))
+        remaining = elapsed / step * (self.max_steps - step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss if loss is not None else float('nan'):.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+        status.update(every_step=True, step=step, loss=loss, learning_rate=lr, elapsed_s=round(elapsed, 1),
+                      remaining_s=round(remaining, 1), tokens_per_s=round(speed, 1))
+        if not ((step % self.args.logging_steps == 0 or step == 1 or step == self.max_steps) and pending["loss"]):
+            return
+        entry = {
+            "loss": round(sum(pending["loss"]) / len(pending["loss"]), 6),
+            "grad_norm": round(sum(pending["grad_norm"]) / len(pending["grad_norm"]), 6),
+            "learning_rate": lr,
+            "epoch": round(step / self.plan["steps_per_epoch"], 4),
+            "global_step/max_steps": f"{step}/{self.max_steps}",
+            "percentage": f"{100 * step / self.max_steps:.2f}%",
+            "elapsed_time": hms(elapsed),
+            "remaining_time": hms(remaining),
+            "memory(GiB)": round(_memory_gib(self.device), 2),
+            "train_speed(s/it)": round(elapsed / step, 4),
+            "tokens/s": round(speed, 1),
+            **metrics(),
+        }
+        append_jsonl(self.log_path, entry)
+        self.history.append({"step": step, "loss": entry["loss"]})
+        self.pending = {"loss": [], "tokens": 0, "grad_norm": [], "since": elapsed}
+
+    def skipped(self, step: int) -> None:
+        append_jsonl(self.log_path, {"skipped": "non-finite loss or gradient",
+                                     "global_step/max_steps": f"{step}/{self.max_steps}"})
+
+    def evaluated(self, step: int, val_loss: float) -> None:
+        append_jsonl(self.log_path, {"eval_loss": round(val_loss, 6), "global_step/max_steps": f"{step}/{self.max_steps}",
+                                     "elapsed_time": hms(time.time() - self.t0)})
+        self.history.append({"step": step, "eval_loss": val_loss})
+        self.say(f"[tunesmith] step {step}: eval_loss {val_loss:.4f}")
+
+    def trainer_state(self, step: int, model_name: str) -> dict:
+        return {"global_step": step, "max_steps": self.max_steps, "epoch": step / self.plan["steps_per_epoch"],
+                "log_history": self.history, "base_model": model_name, "pending": self.pending,
+                "elapsed": time.time() - self.t0, "data_fingerprint": self.state.get("data_fingerprint"),
+                "world_size": self.world}
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def finish(self, last_ckpt) -> float:
+        """The run's last logging.jsonl line and its loss plot; returns the training time."""
+        self.bar.close()
+        runtime = time.time() - self.t0
+        append_jsonl(self.log_path, {"train_runtime": round(runtime, 2), "train_steps": self.max_steps,
+                                     "last_model_checkpoint": str(last_ckpt)})
+        try:
+            if self.log_path is not None:
+                plot_loss(self.history, self.log_path.parent / "images" / "train_loss.png")
+        except OSError as e:  # the adapter is saved; a missing plot must not fail the run
+            log(f"could not write the loss plot ({e.strerror})")
+        return runtime
 
 
 def _eager_window(micros: list, forward, weight: float, par, poison):

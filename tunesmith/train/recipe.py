@@ -11,7 +11,7 @@ import math
 import random
 import time
 from pathlib import Path
-from . import distributed, planner, resume
+from . import distributed, planner, resume, status
 from ..engine import activation_memory, attention, checkpointing, cuda_graphs, decoder_layer, lora_linear, patches
 from ..args import SftArguments, save_args
 from .checkpoint import new_run_dir
@@ -33,6 +33,7 @@ MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarel
 def run(args: SftArguments) -> int:
     t_start = time.time()
     marks = {"launch": process_start(), "start": t_start}
+    status.update(phase="starting")
     par = distributed.setup(args)  # one process, or one of several under torchrun
     if args.dry_run:
         return planner.dry_run(args, par.world)
@@ -101,6 +102,7 @@ def run(args: SftArguments) -> int:
             save_args(args, run_dir / "args.json")
             log(f"run folder: {run_dir}")
     run_dir = Path(par.broadcast(str(run_dir) if par.main else None))  # rank 0 alone writes it
+    status.update(phase="training", run_dir=str(run_dir), step=state["global_step"], max_steps=plan["max_steps"])
     marks["ready"] = time.time()
 
     try:
@@ -111,10 +113,12 @@ def run(args: SftArguments) -> int:
     if last.get("stopped_by"):
         log(f"stopped after step {last['step']} of {plan['max_steps']}; checkpoint: {last['checkpoint']}")
         log(f"continue with: {resume.resume_command(last['checkpoint'])}")
+        status.update(phase="stopped", checkpoint=str(last["checkpoint"]))
         return last["stopped_by"]
     if graphed and graphed.graphs:
         log(graphed.report())
     log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
+    status.update(phase="finished", checkpoint=str(last["checkpoint"]))
     if par.main:
         print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
     return 0
@@ -216,7 +220,9 @@ def add_lora(model, args: SftArguments):
 
 
 def build_optimizer(model, args: SftArguments, max_steps: int):
+    """AdamW (fused on CUDA), no decay on biases and norms, and transformers' own learning-rate schedule."""
     import torch
+    from transformers import get_scheduler
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -225,19 +231,9 @@ def build_optimizer(model, args: SftArguments, max_steps: int):
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
         fused=all(p.is_cuda for p in decay + no_decay) or None,  # one kernel for all parameters on CUDA
     )
-    warmup = math.ceil(args.warmup_ratio * max_steps)
-
-    def lr_factor(step: int) -> float:  # transformers' schedules: linear warmup, then decay to 0
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        if args.lr_scheduler_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if args.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    warmup = math.ceil(args.warmup_ratio * max_steps)  # as transformers' Trainer rounds --warmup_ratio
+    return optimizer, get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                    num_training_steps=max_steps)
 
 
 def _seed_everything(seed: int):

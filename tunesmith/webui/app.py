@@ -3,8 +3,8 @@
     tunesmith web-ui [--port 7860] [--output_dir output]      then open the printed http://127.0.0.1:7860/?token=…
 
 The page (tunesmith/webui/web/) fills a form generated from SftArguments, shows the `tunesmith sft …` command it
-stands for and runs exactly that command as a subprocess. Loss, progress and ETA come from the run's
-logging.jsonl and progress bar. One run at a time per --output_dir: its pid is kept in OUTPUT_DIR/webui/run.json,
+stands for and runs exactly that command as a subprocess. Step, ETA, checkpoint and outcome come from the status
+file the trainer keeps for it (train/status.py), the loss curve from the run's logging.jsonl. One run at a time per --output_dir: its pid is kept in OUTPUT_DIR/webui/run.json,
 so a reloaded page, a second tab or a restarted web-ui sees the run instead of starting another. Stop sends
 SIGINT: the run finishes its step and saves a checkpoint (train/stopping.py). `data inspect` runs the same way. Chat
 loads base + adapter once (deploy's Engine) and streams base and tuned answers side by side.
@@ -20,7 +20,6 @@ import dataclasses
 import hmac
 import json
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -41,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import cli
 from ..inference import deploy
 from ..args import DeployArguments, InspectArguments, SftArguments, WebUiArguments
+from ..train import status as run_status
 from ..train.checkpoint import checkpoints, writable_dir
 from ..data.sources import BUILTIN, check_local
 from ..errors import UserError
@@ -148,14 +148,15 @@ class Runs:
                 raise ApiError(409, f"a run is already going (started {current['started']}): {current['command']}; "
                                "stop it first", code="run_active")
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            log_path = self.folder / f"sft-{stamp}.log"
+            log_path, status_path = self.folder / f"sft-{stamp}.log", self.folder / f"sft-{stamp}.status.json"
+            env = {**_python_env(), "TUNESMITH_STATUS_FILE": str(status_path)}  # the trainer's state (train/status.py)
             with open(log_path, "wb") as out:
                 self.proc = subprocess.Popen([sys.executable, "-m", "tunesmith", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=_python_env(), start_new_session=True)
+                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             import psutil
 
             state = {"pid": self.proc.pid, "create_time": psutil.Process(self.proc.pid).create_time(), "argv": argv,
-                     "command": shown(argv), "log": str(log_path), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                     "command": shown(argv), "log": str(log_path), "status": str(status_path), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             self._save(state)
             return self.status()
 
@@ -206,30 +207,25 @@ class Runs:
         alive = self._alive(state)
         out = {"command": state["command"], "started": state["started"], "pid": state["pid"], "log": lines[-30:],
                "points": [], "eval_points": []}
-        run_dir = state.get("run_dir") or _found(r"run folder: (.+)", Path(state["log"]))
-        if run_dir and not state.get("run_dir"):
-            self._save(run_dir=run_dir)
+        trainer = run_status.read(Path(state["status"]))  # what the trainer says of itself (train/status.py)
+        run_dir = trainer.get("run_dir")
         if run_dir:
             out["run_dir"] = run_dir
-            out.update(_progress(Path(run_dir) / "logging.jsonl"))
+            out.update(_progress(Path(run_dir) / "logging.jsonl"))  # the loss curve
             out["checkpoints"] = [str(c) for c in checkpoints(Path(run_dir))]
             if (Path(run_dir) / "runs").is_dir():  # --report_to tensorboard: the command that shows its curves
                 out["curves"] = shlex.join(["tensorboard", "--logdir", str(Path(run_dir) / "runs")])
-        bar = [m for m in re.finditer(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)", text)]
-        if bar and alive:  # the bar moves every step; logging.jsonl only every --logging_steps
-            step, total, elapsed, left = bar[-1].groups()
-            if int(step) >= out.get("step", 0):
-                out.update(step=int(step), max_steps=int(total), elapsed=_clock(elapsed), remaining=_clock(left))
+        if "step" in trainer:  # every step; logging.jsonl only every --logging_steps
+            out.update(step=trainer["step"], max_steps=trainer["max_steps"])
+            if "elapsed_s" in trainer:
+                out.update(elapsed=hms(trainer["elapsed_s"]), remaining=hms(trainer["remaining_s"]))
+        phase = trainer.get("phase")
         if alive:
             out["status"] = "stopping" if state.get("stop_requested") else "running"
-        elif m := re.search(r"last_model_checkpoint: (.+)", text):
-            out.update(status="finished", checkpoint=m.group(1).strip())
-        elif m := re.search(r"stopped after step \d+ of \d+; checkpoint: (.+)", text):
-            out.update(status="stopped", checkpoint=m.group(1).strip())
-        elif "sft: interrupted" in text:
-            out.update(status="stopped", checkpoint=None)
-        else:
-            errors = [ln for ln in lines if "error:" in ln]
+        elif phase in ("finished", "stopped"):
+            out.update(status=phase, checkpoint=trainer.get("checkpoint"))
+        else:  # failed: its one error line, or (a crash) the last lines it printed
+            errors = [trainer["error"]] if trainer.get("error") else [ln for ln in lines if "error:" in ln]
             out.update(status="failed", error=(errors or lines or ["the run ended without a word"])[-1])
         return out
 
@@ -241,27 +237,6 @@ def _tail(path: Path, size: int = 65536) -> str:
             return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def _clock(text: str) -> str:
-    """tqdm's 01:05 as logging.jsonl writes times (1m 5s)."""
-    if not re.fullmatch(r"[\d:]+", text):
-        return text
-    seconds = 0
-    for part in text.split(":"):
-        seconds = 60 * seconds + int(part)
-    return hms(seconds)
-
-
-def _found(pattern: str, path: Path) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if m := re.search(pattern, line.rsplit("\r", 1)[-1]):
-                    return m.group(1).strip()
-    except FileNotFoundError:
-        pass
-    return None
 
 
 def _progress(path: Path) -> dict:
