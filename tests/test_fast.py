@@ -215,9 +215,11 @@ def test_triton_kernels_match_plain_torch():
     assert "kernel checks passed on cpu" in done.stdout
 
 
-def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
+@pytest.mark.parametrize("more_tokens,more_slots", [(16, 1), (512, 4)])
+def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny, more_tokens, more_slots):
     """CUDA graphs replay fixed-size rows: the spare tokens, sample slots and loss slots that pad a
-    row to its bucket change neither the loss nor any gradient (checked on the CPU)."""
+    row to its bucket, or to a bigger graph that hosts a shape never captured, change neither the loss
+    nor any gradient (checked on the CPU)."""
     from tunesmith.engine import cuda_graphs, lora_linear
 
     args = SftArguments(dataset=["x"], lora_dropout=0.0)
@@ -229,7 +231,7 @@ def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
     rows = cuda_graphs.GraphedRows(m, lambda b: loss_of(m, b))
     length, slots = cuda_graphs.shape_of(batch)  # (the graph's longest sample is its row length)
     assert slots >= len(batch["cu_seq_lens_q"]) and length >= batch["max_length_q"]
-    static = rows._static((length + 16, slots), "cpu")
+    static = rows._static((length + more_tokens, slots * more_slots), "cpu")
     rows._fill(static, batch)
     results = []
     for b in (batch, static):
@@ -241,6 +243,18 @@ def test_a_row_padded_for_a_cuda_graph_computes_the_same(tiny):
     assert static["input_ids"].shape[1] > batch["input_ids"].shape[1]
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert_close_up_to_summation_order(dict(enumerate(gb)), dict(enumerate(ga)))
+
+
+def test_a_shape_never_captured_borrows_the_smallest_graph_that_holds_it(tiny):
+    from tunesmith.engine import cuda_graphs
+
+    rows = cuda_graphs.GraphedRows(tiny, None)
+    rows.graphs = {(512, 8): None, (1024, 8): None, (768, 16): None, (2048, 32): None}
+    assert rows.host((512, 8)) == (512, 8)  # captured: itself
+    assert rows.host((256, 8)) == (512, 8)
+    assert rows.host((768, 8)) == (768, 16)  # the shortest row that holds it
+    assert rows.host((1024, 16)) == (2048, 32)  # (1024, 8) has too few sample slots
+    assert rows.host((2304, 8)) is None  # nothing holds it: it runs eagerly
 
 
 def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):

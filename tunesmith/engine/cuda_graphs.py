@@ -29,7 +29,9 @@ MAX_TOKENS = 16384  # longer rows keep the GPU busy on their own, and a second m
 MIN_STEPS_LEFT = 40  # graphs start only in a run with this many optimizer steps still to come: a shorter
 # run cannot win back the warm-up pass and the captures (the guide's 10 steps stay eager). Then each row
 # shape is captured at first sight, into one memory pool: eager passes beside the pool would hold a second
-# set of activations in the allocator's cache
+# set of activations in the allocator's cache. A shape first seen later, when a capture no longer pays,
+# is replayed by the smallest captured graph that holds it (its spare tokens are one more sample with no
+# loss): no capture, and no eager pass beside the pool (session 7: +6 GiB peak on the mixed recipe).
 MAX_FAILURES = 3  # captures that fail before graphs are turned off for the run
 
 
@@ -129,9 +131,17 @@ class GraphedRows:
         # their stream, alive into later passes (the stream mismatch that broke capture)
         return graph, static, loss.detach(), [p.grad for p in self.params]
 
-    def row(self, batch: dict):
-        """(summed loss, gradients) of one packed row (window() has checked that it fits a graph)."""
-        shape = shape_of(batch)
+    def host(self, shape: tuple) -> tuple | None:
+        """The captured shape that replays a row of `shape` at the least cost (itself if captured), or None."""
+        if shape in self.graphs:
+            return shape
+        holds = [s for s in self.graphs if s[0] >= shape[0] and s[1] >= shape[1]]
+        return min(holds, key=lambda s: (s[0], s[1])) if holds else None
+
+    def row(self, batch: dict, shape: tuple | None = None):
+        """(summed loss, gradients) of one packed row, replayed by the graph of `shape` (default: its own,
+        captured now if new; window() has checked that it fits)."""
+        shape = shape or shape_of(batch)
         if shape not in self.graphs:
             self.graphs[shape] = self._capture(shape, batch)
         graph, static, loss, grads = self.graphs[shape]
@@ -148,20 +158,22 @@ class GraphedRows:
         shapes = [shape_of(r) for r in rows]
         if max(length for length, _ in shapes) > MAX_TOKENS or any(s in self.failed for s in shapes):
             return None
+        if steps_left < MIN_STEPS_LEFT:  # no more captures: shapes not captured borrow a bigger graph, or run eagerly
+            shapes = [self.host(s) for s in shapes]
+            if None in shapes:
+                return None
         new = [s for s in shapes if s not in self.graphs]
-        if new and steps_left < MIN_STEPS_LEFT:
-            return None
         saved = [p.grad for p in self.params]
         device = rows[0]["input_ids"].device
         seed = lora_linear.seed_state(device)
         seed_before = seed.clone() if seed is not None else None
         try:
             if len(rows) == 1:
-                total, acc = self.row(rows[0])
+                total, acc = self.row(rows[0], shapes[0])
             else:  # several rows: sum their gradients (each replay overwrites its graph's own)
                 total, acc = None, None
-                for batch in rows:
-                    loss, grads = self.row(batch)
+                for batch, shape in zip(rows, shapes):
+                    loss, grads = self.row(batch, shape)
                     if acc is None:
                         total, acc = loss.clone(), [g.clone() for g in grads]
                     else:
