@@ -41,5 +41,5 @@ def test_a_qwen3_moe_adapter_chats_and_merges(qwen3_moe, tmp_path):
     proc = tunesmith("export", "--adapters", ckpt, "--to_gguf", "true", "--gguf_type", "q4_k_m", "--output_dir",
                      tmp_path / "gguf", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "is a qwen3_moe model; GGUF export supports qwen2, llama" in proc.stderr
+    assert "is a qwen3_moe model; GGUF export supports qwen2, qwen3, llama, mistral" in proc.stderr
     assert not (tmp_path / "gguf").exists()

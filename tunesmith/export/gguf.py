@@ -2,8 +2,8 @@
 
 f32, f16 and bf16 are written with the `gguf` library's own writer and tensor-name maps; every quantized
 type (q8_0, q4_k_m, ...) is made from that 16-bit file by llama.cpp's own quantizer (llama-cpp-python's
-llama_model_quantize), as `convert_hf_to_gguf.py` + `llama-quantize` would. Supported: qwen2 and llama
-architectures with a byte-level BPE tokenizer (tokenizer.json). Each file is read back and checked, and
+llama_model_quantize), as `convert_hf_to_gguf.py` + `llama-quantize` would. Supported: qwen2, qwen3, llama
+(Llama 3's RoPE scaling included) and mistral, with a byte-level BPE tokenizer (tokenizer.json). Each file is read back and checked, and
 appears under its name only when complete.
 """
 
@@ -22,8 +22,9 @@ from ..args import GGUF_TYPES
 from ..errors import UserError
 from ..console import log
 
-# Our name -> (gguf architecture, tokenizer pre-tokenizer name llama.cpp knows)
-ARCHITECTURES = {"qwen2": ("qwen2", "qwen2"), "llama": ("llama", "smollm")}
+# transformers' model_type -> llama.cpp's architecture (Mistral is llama to llama.cpp, as its converter writes it)
+ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "llama"}
+PERMUTED = ("llama",)  # llama.cpp's rotary layout for q/k differs from transformers' here (its converter permutes)
 OWN_TYPES = GGUF_TYPES[:3]  # f16, bf16, f32: written here; the rest come from llama.cpp's quantizer
 INSTALL = "pip install 'tunesmith[gguf]'"
 
@@ -35,10 +36,33 @@ def check_config(model_dir: Path) -> dict:
     if kind not in ARCHITECTURES:
         raise UserError(f"--to_gguf: {model_dir} is a {kind} model; GGUF export supports {', '.join(ARCHITECTURES)} "
                         "(use llama.cpp's convert_hf_to_gguf.py on the merged folder for others)")
-    rope = cfg.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
-        raise UserError(f"--to_gguf: {model_dir} uses RoPE scaling, which this GGUF export does not write yet")
+    kind_of_rope = _rope(cfg).get("rope_type", "default")
+    if kind_of_rope not in ("default", "llama3"):
+        raise UserError(f"--to_gguf: {model_dir} uses {kind_of_rope} RoPE scaling, which this GGUF export does not write "
+                        "yet (default and llama3 it does)")
     return cfg
+
+
+def _rope(cfg: dict) -> dict:
+    """The RoPE settings, as transformers 5 (rope_parameters) or 4 (rope_theta + rope_scaling) write them."""
+    rope = dict(cfg.get("rope_scaling") or {})
+    rope.update(cfg.get("rope_parameters") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    return rope
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Llama 3.1's RoPE scaling as per-frequency divisors (llama.cpp's rope_freqs tensor): long wavelengths
+    slowed by `factor`, short ones kept, the band between blended (the published formula, as transformers'
+    _compute_llama3_parameters applies it to the frequencies)."""
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
+    divisor = 1.0 / ((1 - smooth) / factor + smooth)  # 1 where smooth is 1 (short), factor where 0 (long)
+    return divisor.astype(np.float32)
 
 
 def write_gguf(model_dir: Path, out: Path, gguf_type: str) -> Path:
@@ -90,11 +114,11 @@ def _write(model_dir: Path, cfg: dict, path: Path, gguf_type: str) -> int:
     import gguf
     from safetensors import safe_open
 
-    rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    arch, pre = ARCHITECTURES[cfg["model_type"]]
+    rope = _rope(cfg)
+    arch, pre = ARCHITECTURES[cfg["model_type"]], pre_tokenizer(model_dir)
     n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_heads)
+    n_kv = cfg.get("num_key_value_heads") or n_heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(cfg.get("_name_or_path") or model_dir.name)
     w.add_context_length(cfg["max_position_embeddings"])
@@ -103,10 +127,12 @@ def _write(model_dir: Path, cfg: dict, path: Path, gguf_type: str) -> int:
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(float(theta))
+    w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    w.add_key_length(head_dim)  # Qwen3 and Mistral may set head_dim apart from hidden_size / heads
+    w.add_value_length(head_dim)
     if arch == "llama":
-        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
+        w.add_rope_dimension_count(head_dim)
         w.add_vocab_size(cfg["vocab_size"])
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[gguf_type]
@@ -115,6 +141,10 @@ def _write(model_dir: Path, cfg: dict, path: Path, gguf_type: str) -> int:
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
     written = 0
+    if rope.get("rope_type") == "llama3":
+        _add_tensor(w, gguf, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                    llama3_rope_factors(rope, head_dim), gguf_type)
+        written += 1
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             for key in f.keys():
@@ -124,7 +154,7 @@ def _write(model_dir: Path, cfg: dict, path: Path, gguf_type: str) -> int:
                 if new is None:
                     raise UserError(f"--to_gguf: no GGUF name for tensor {key} of {model_dir}")
                 data = f.get_tensor(key).float().numpy()
-                if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+                if arch in PERMUTED and key.endswith(("q_proj.weight", "k_proj.weight")):
                     data = _permute(data, n_heads, n_heads if "q_proj" in key else n_kv)
                 _add_tensor(w, gguf, new, data, gguf_type)
                 written += 1
@@ -200,6 +230,25 @@ def _permute(w: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def pre_tokenizer(model_dir: Path) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE, read from tokenizer.json's pre_tokenizer
+    (Qwen's digit-by-digit split, Llama 3's digits in threes, or GPT-2's byte-level regex as SmolLM has it)."""
+    try:
+        spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    except (OSError, ValueError):
+        spec = {}
+    parts = spec.get("pretokenizers", [spec])
+    regexes = [(p.get("pattern") or {}).get("Regex", "") for p in parts if p.get("type") == "Split"]
+    if any("\\p{N}{1,3}" in r for r in regexes):
+        return "llama-bpe"
+    if any("[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|" in r for r in regexes):
+        return "qwen2"
+    if not regexes and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return "smollm"
+    raise UserError(f"--to_gguf: the tokenizer of {model_dir} splits text in a way this GGUF export does not know "
+                    "(Qwen, Llama 3 and GPT-2/SmolLM tokenizers it does)")
+
+
 def _add_tokenizer(w, model_dir: Path, vocab_size: int, pre: str) -> None:
     import gguf
     from transformers import AutoTokenizer
@@ -238,7 +287,7 @@ def check_gguf(path: Path, model_dir: Path, cfg: dict, n_tensors: int) -> None:
     reader = gguf.GGUFReader(str(path))
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field else None
-    expected = ARCHITECTURES[cfg["model_type"]][0]
+    expected = ARCHITECTURES[cfg["model_type"]]
     problems = []
     if arch != expected:
         problems.append(f"architecture {arch!r}, expected {expected!r}")
