@@ -40,6 +40,8 @@ def check_config(model_dir: Path) -> dict:
     if kind_of_rope not in ("default", "llama3"):
         raise UserError(f"--to_gguf: {model_dir} uses {kind_of_rope} RoPE scaling, which this GGUF export does not write "
                         "yet (default and llama3 it does)")
+    if (model_dir / "tokenizer.json").is_file():
+        pre_tokenizer(model_dir)  # an unknown tokenizer, too, is said before any merge
     return cfg
 
 
@@ -246,7 +248,8 @@ def pre_tokenizer(model_dir: Path) -> str:
     if not regexes and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
         return "smollm"
     raise UserError(f"--to_gguf: the tokenizer of {model_dir} splits text in a way this GGUF export does not know "
-                    "(Qwen, Llama 3 and GPT-2/SmolLM tokenizers it does)")
+                    "(it writes byte-level BPE tokenizers of Qwen's, Llama 3's and GPT-2/SmolLM's kind; SentencePiece "
+                    "ones such as Gemma's or Mistral 7B's not yet: use llama.cpp's convert_hf_to_gguf.py)")
 
 
 def _add_tokenizer(w, model_dir: Path, vocab_size: int, pre: str) -> None:
