@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import preload
+from .families import attention_implementation
 from ..console import log
 from ..errors import UserError
 
@@ -97,7 +98,8 @@ def load_model(path: Path, dtype, device: str, quant_bits: int | None = None):
         if device != "cpu" or quant_bits:  # straight from the files onto the GPU: no full copy in host memory
             extra["device_map"] = {"": device}
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra,
+                                                         attn_implementation=attention_implementation(load_config(path)))
         except Exception as e:
             raise UserError(f"cannot load the model from {path} ({str(e).splitlines()[0][:200]})") from None
     stored = f"{quant_bits}-bit {'nf4' if quant_bits == 4 else 'int8'}, computed in " if quant_bits else ""
@@ -116,7 +118,7 @@ def from_tensors(path: Path, tensors: dict, dtype, device: str):
         config = load_config(path)
         with _no_allocator_warmup():
             model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-                None, config=config, state_dict=tensors, dtype=dtype, attn_implementation="sdpa",
+                None, config=config, state_dict=tensors, dtype=dtype, attn_implementation=attention_implementation(config),
                 device_map={"": device})  # without it transformers would move the tensors to the CPU
         model.config.name_or_path = model.name_or_path = str(path)  # as from_pretrained(path) sets them
         if (path / "generation_config.json").is_file():
