@@ -68,12 +68,43 @@ def _per_sample_sdpa(query, key, value, bounds, scale):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _per_sample_banded(query, key, value, bounds, scale, window, softcap):
+    """As _per_sample_sdpa, for layers that attend to the last `window` tokens only (sliding-window layers:
+    Gemma 2/3, Mistral, Qwen3 where set) and/or cap their logits at `softcap` (Gemma 2): the masks and the
+    softcapping of transformers' eager attention, on each sample's slice."""
+    edges = bounds.tolist()
+    groups = query.shape[1] // key.shape[1]
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    outs = []
+    for s, e in zip(edges[:-1], edges[1:]):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        pos = torch.arange(e - s, device=q.device)
+        allowed = pos[None, :] <= pos[:, None]
+        if window:
+            allowed &= pos[:, None] - pos[None, :] < window  # as transformers' sliding_window_overlay
+        if softcap is None:
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale))
+            continue
+        scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+        outs.append(weights @ v)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def document_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                       softcap=None, **kwargs):
     """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
-    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs."""
+    `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs;
+    a sliding-window layer's window and Gemma 2's logit softcap arrive from the attention module."""
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
         bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
+    longest = kwargs.get("max_length_q") or query.shape[2]
+    window = sliding_window if sliding_window and longest > sliding_window else None  # shorter samples: no effect
+    if window or softcap:
+        out = _per_sample_banded(query, key, value, bounds, scaling, window, softcap)
+        return out.transpose(1, 2).contiguous(), None
     if query.shape[0] == 1:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
         return varlen_attention(q, k, v, bounds, kwargs.get("max_length_q"), scaling).unsqueeze(0), None
