@@ -314,3 +314,52 @@ def test_lean_layer_recompute_and_checkpointing_draw_the_same_masks(tiny):
     assert_close_up_to_summation_order(other, grads)
     mask_effect = max((nodrop_grads[n] - grads[n]).abs().max().item() / summation_tolerance(grads[n]) for n in grads)
     assert mask_effect > 1000  # the tolerance could tell one mask from another
+
+
+# Tiny random configs of the families of issue 17: sliding windows of 8 tokens (the samples run to 40), Gemma 2's
+# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling.
+SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+FAMILIES = {
+    "qwen3": {},
+    "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=8),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(family):
+    """sft's model (prepare_model: packed rows, per-sample attention, lean LoRA and lean layers where they apply)
+    gives the loss and gradients of transformers + PEFT on each sample alone, with the family's own attention
+    (eager for Gemma 2): sliding windows, softcapping and q/k norms included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.model.families import attention_implementation
+    from tunesmith.train.recipe import prepare_model
+
+    config = AutoConfig.for_model(family, **SHAPE, **FAMILIES[family])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config)).float()
+    data = samples()
+    results = []
+    for packed in (False, True):
+        args = SftArguments(dataset=["x"], lora_dropout=0.0, packing_window=packed, per_device_train_batch_size=1,
+                            max_length=64)
+        torch.manual_seed(0)
+        m = prepare_model(copy.deepcopy(base), args, "cpu") if packed else add_lora(copy.deepcopy(base), args)
+        torch.manual_seed(1)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:  # (PEFT starts B at zero: no gradient would reach A)
+                torch.nn.init.normal_(p, std=0.1)
+        total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
+        total.backward()
+        results.append((total.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert grads_b.keys() == grads_a.keys() and grads_a
+    assert_close_up_to_summation_order(grads_b, grads_a)

@@ -306,26 +306,28 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
     return h[None]
 
 
-def supported(layer) -> bool:
+def supported(layer, max_length: int | None = None) -> bool:
     """A llama/qwen2-style decoder layer (base model, before LoRA): plain RMSNorms, full attention
-    without q/k norms, a SiLU-gated MLP."""
+    without q/k norms, a SiLU-gated MLP. A sliding window (Mistral's is in its config) is full attention
+    only when no sample (at most `max_length` tokens) is longer than it."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or getattr(attn, "config", None) is None:
         return False
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+    window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     return (getattr(attn.config, "model_type", "") in ARCHITECTURES
             and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
-            and getattr(attn, "sliding_window", None) is None and not hasattr(attn, "q_norm")
+            and (window is None or (max_length is not None and max_length <= window)) and not hasattr(attn, "q_norm")
             and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
             and all(hasattr(attn, n) for n in PROJECTIONS[:4]) and all(hasattr(mlp, n) for n in PROJECTIONS[4:]))
 
 
-def use_lean_layers(model) -> int:
+def use_lean_layers(model, max_length: int | None = None) -> int:
     """Route the decoder layers whose seven projections all carry LoRA (after lora_linear.use_lean_lora)
     through layer_forward; returns how many."""
     count = 0
     for layer in checkpointing.decoder_layers(model):
-        if not supported(layer) or hasattr(layer, "_tunesmith_plain_layer"):
+        if not supported(layer, max_length) or hasattr(layer, "_tunesmith_plain_layer"):
             continue
         mods = [getattr(layer.self_attn, n) for n in PROJECTIONS[:4]] + [getattr(layer.mlp, n) for n in PROJECTIONS[4:]]
         if not all(is_lora_linear(m) and hasattr(m, "_tunesmith_seed") for m in mods):

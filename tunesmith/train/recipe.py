@@ -157,7 +157,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         notes.append("packed windows with per-sample attention")
     layers = checkpointing.decoder_layers(model)
     lean_layers = planner.lean_layers_apply(args, getattr(model.config, "model_type", "")) and all(
-        decoder_layer.supported(layer) for layer in layers)
+        decoder_layer.supported(layer, args.max_length) for layer in layers)
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = patches.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
@@ -167,7 +167,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         n = lora_linear.use_lean_lora(model)
         notes += [f"lean LoRA on {n} projections"] if n else []
         lean = lora_linear.all_lean(model)
-        lean_layers = lean_layers and decoder_layer.use_lean_layers(model)
+        lean_layers = lean_layers and decoder_layer.use_lean_layers(model, args.max_length)
         notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
     levels = [0] * len(layers)  # recompute levels of the lean layers (plan_memory's, where memory is short)
     share = args.gradient_checkpointing
