@@ -14,6 +14,10 @@ KNOWN = [
     # PEFT's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5.x deprecates
     # in favour of is_activation_checkpointing; same value, nothing to act on.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # PEFT's own patterns for fused MoE experts (qwen3_moe: rank and alpha doubled on gate_up_proj, which fuses two
+    # projections) match the parameter, not a module name, so PEFT reports them unmatched; the adapter does take
+    # them (its gate_up_proj lora_A has 2r rows per expert). tunesmith sets no other pattern.
+    (RuntimeWarning, r"The following (rank|alpha)_pattern keys did not match any targeted module"),
 ]
 
 

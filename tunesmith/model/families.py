@@ -39,3 +39,12 @@ def attention_implementation(config) -> str:
     """SDPA, or eager attention for a family whose attention SDPA cannot compute (Gemma 2: logit softcapping)."""
     cls = causal_lm_class(config)
     return "eager" if cls is not None and getattr(cls, "_supports_sdpa", True) is False else "sdpa"
+
+
+def skeleton(config):
+    """The model of `config` on the meta device: its modules and parameter shapes, no weights (a second or so)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

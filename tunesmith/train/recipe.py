@@ -17,6 +17,7 @@ from ..args import SftArguments, save_args
 from .checkpoint import new_run_dir
 from ..data.sources import check_local
 from ..errors import UserError
+from ..model.families import check_supported, skeleton
 from ..model.load import load_config, load_model, load_tokenizer, pick_dtype
 from ..console import log
 from ..model.resolve import resolve_model
@@ -43,7 +44,9 @@ def run(args: SftArguments) -> int:
     marks["data"] = time.time()
     resolved = resolve_model(args.model)
     args.model = resolved.name  # args.json names the exact base, so infer/export find it again
-    load_config(resolved.path)
+    config = load_config(resolved.path)
+    check_supported(config, resolved.path)
+    lora_config(skeleton(config), args)  # what --target_modules and --lora_dropout mean for this model
     tok = load_tokenizer(resolved.path)
     template = ChatTemplate(tok, args.system)
     with par.main_first():  # rank 0 tokenizes and caches, the others read its cache
@@ -201,13 +204,41 @@ def _longest_row(train_set, args: SftArguments, accumulation: int) -> int:
     return args.per_device_train_batch_size * lengths[0]
 
 
+def lora_config(model, args: SftArguments):
+    """PEFT's LoraConfig for --target_modules on `model` (also a skeleton on the meta device, before the weights load).
+    An MoE whose experts are 3-D parameters (qwen3_moe) gets PEFT's own targets for them, but its router keeps the
+    base model's weights (PEFT's all-linear adapts it too), so routing stays exact; those parameter targets take no
+    dropout, which is said before any weights load."""
+    from peft import LoraConfig
+
+    targets = args.target_modules
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without transformers 5's fused experts
+        return config
+    try:
+        convert_peft_config_for_transformers(config, model, None)  # what get_peft_model does first
+    except ValueError as e:
+        raise UserError(f"--target_modules {' '.join(targets)}: {str(e).splitlines()[0][:200]}") from None
+    if config.target_parameters:
+        dims = {n: p.dim() for n, p in model.named_parameters()}
+        routers = {t for t in config.target_parameters if any(n.endswith("." + t) and d == 2 for n, d in dims.items())}
+        config.target_parameters = set(config.target_parameters) - routers
+    if config.target_parameters and args.lora_dropout:
+        kind = getattr(model.config, "model_type", "this")
+        raise UserError(f"--lora_dropout {args.lora_dropout:g}: LoRA on the experts of a {kind} model (PEFT adapts their "
+                        "3-D weights directly) takes no dropout; pass --lora_dropout 0")
+    return config
+
+
 def add_lora(model, args: SftArguments):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     targets = args.target_modules
     target = "all-linear" if targets == ["all-linear"] else targets
-    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=target, task_type="CAUSAL_LM")
+    config = lora_config(model, args)
     try:
         model = get_peft_model(model, config)
     except ValueError as e:
