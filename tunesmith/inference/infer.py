@@ -17,7 +17,8 @@ from pathlib import Path
 from ..args import InferArguments, load_args_json
 from ..train.checkpoint import check_adapter_dir, check_adapter_fits
 from ..errors import UserError
-from ..model.load import end_of_turn_ids, load_model, load_tokenizer, pick_device, pick_dtype
+from ..model.families import check_supported
+from ..model.load import end_of_turn_ids, load_config, load_model, load_tokenizer, pick_device, pick_dtype
 from ..console import log
 from ..model.resolve import resolve_model
 from ..data.template import ChatTemplate
@@ -164,9 +165,12 @@ def load_chat(args: InferArguments, named: dict[str, str] | None = None) -> Chat
             raise UserError(f"--adapters {adapter}: trained on {trained['model']}, not on {args.model} like the others; "
                             "serve adapters of one base model per deploy")
         systems[name] = args.system if args.system is not None else trained.get("system")
+        if args.enable_thinking is None:  # an adapter trained with --enable_thinking answers as it was trained
+            args.enable_thinking = trained.get("enable_thinking")
     if adapters and args.system is None:
         args.system = next(iter(systems.values()))
     resolved = resolve_model(args.model)
+    check_supported(load_config(resolved.path), resolved.path)
     for adapter in adapters.values():
         check_adapter_fits(adapter, resolved.path)
     tok = load_tokenizer(resolved.path)
