@@ -76,3 +76,33 @@ def test_llama3_answers_end_with_eot(tokenizer_for):
     enc = ChatTemplate(tok, "S").encode(conversation("Q?", "A."))
     assert trained(tok, enc) == ["A.<|eot_id|>"]
     assert tok.decode(ChatTemplate(tok, "S").encode_prompt(conversation("Q?"))).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+SHOWN = {  # what `data inspect` prints for one two-turn record with --system S: trained tokens in [[ ]]
+    "qwen3": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1?<|im_end|>\n<|im_start|>assistant\n"  # (history: no think block)
+             "[[A1.<|im_end|>]]\n<|im_start|>user\nQ2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n[[A2.<|im_end|>]]",
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ1?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n[[A1.<|eot_id|>]]<|start_header_id|>user<|end_header_id|>\n\nQ2?"
+              "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n[[A2.<|eot_id|>]]",
+    "gemma2": "<start_of_turn>user\nS\n\nQ1?<end_of_turn>\n<start_of_turn>model\n[[A1.<end_of_turn>]]\n<start_of_turn>user\nQ2?"
+              "<end_of_turn>\n<start_of_turn>model\n[[A2.<end_of_turn>]]",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", SHOWN)
+def test_data_inspect_shows_each_family_trained_as_served(family, tokenizer_for, default_model, tmp_path):
+    """`tunesmith data inspect` on a model folder with the family's template: each answer and its end-of-turn token
+    are trained, nothing else (Qwen3's empty think block of thinking off is prompt)."""
+    import json
+    import shutil
+
+    from conftest import tunesmith
+
+    folder = tmp_path / family
+    tokenizer_for(family).save_pretrained(folder)
+    shutil.copy(default_model / "config.json", folder / "config.json")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": conversation("Q1?", "A1.", "Q2?", "A2.")}) + "\n", encoding="utf-8")
+    proc = tunesmith("data", "inspect", "--model", folder, "--dataset", data, "--system", "S")
+    assert SHOWN[family] in proc.stdout, proc.stdout
