@@ -359,7 +359,25 @@ def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(fam
         total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
         total.backward()
         results.append((total.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        if packed:  # the lean decoder layers take the llama-style families whose samples fit their window
+            lean = [hasattr(layer, "_tunesmith_plain_layer") for layer in checkpointing.decoder_layers(m)]
+            assert lean == [family in ("qwen3", "llama")] * len(lean)
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert grads_b.keys() == grads_a.keys() and grads_a
     assert_close_up_to_summation_order(grads_b, grads_a)
+
+
+def test_lean_qwen3_layers_draw_the_dropout_masks_of_transformers_layers_with_lean_projections():
+    """Qwen3 (per-head q/k RMSNorm) on the lean layers with dropout: the lean projections inside transformers' own
+    layer draw the same masks, so loss and gradients agree (a different mask would be far outside)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    qwen3 = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **SHAPE), attn_implementation="sdpa").float()
+    loss, grads = _lean_layer_run(qwen3, 0.2)
+    nodrop, _ = _lean_layer_run(qwen3, 0.0)
+    assert loss != pytest.approx(nodrop, rel=1e-4)
+    other_loss, other = _lean_layer_run(qwen3, 0.2, layers=False)
+    assert other_loss == pytest.approx(loss, rel=1e-6)
+    assert_close_up_to_summation_order(other, grads)

@@ -1,7 +1,7 @@
 """The lean decoder layer: a llama/qwen2-style decoder layer with LoRA on all seven projections, as
 three autograd functions, for packed rows (train.micro_batches) in training.
 
-    x -> RMSNorm -> q, k, v (LoRA) -> RoPE -> flash attention -> o (LoRA) -> + x = h
+    x -> RMSNorm -> q, k, v (LoRA) [-> per-head RMSNorm of q, k: Qwen3] -> RoPE -> flash attention -> o (LoRA) -> + x = h
     h -> RMSNorm -> gate, up (LoRA) -> silu(gate) * up -> down (LoRA) -> + h
 
 What backward keeps, per token, in hidden-widths (Qwen2.5-7B): the layer input x and h (2), q, k,
@@ -33,7 +33,7 @@ from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
-ARCHITECTURES = ("qwen2", "llama", "mistral")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -252,6 +252,23 @@ class Mlp(torch.autograd.Function):
                 None, None, grad_ad[0], grad_bd[0])
 
 
+class HeadNorm(torch.autograd.Function):
+    """RMSNorm of each head of q or k [T, heads, d] (Qwen3's q_norm / k_norm; their weights are the base model's,
+    frozen). Keeps the input and 1/rms of each head."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        flat = x.reshape(-1, x.shape[-1])
+        y, rstd = rms_norm(flat, w, eps)
+        ctx.save_for_backward(flat, w, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        flat, w, rstd = ctx.saved_tensors
+        return rms_norm_backward(dy.reshape(flat.shape).contiguous(), flat, w, rstd).view(dy.shape), None, None
+
+
 class Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -296,8 +313,12 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
     T = x.shape[0]
     heads, kv_heads, d = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
     q, k, v = Projections.apply(x, layer.input_layernorm.weight, qkv[0], *qkv[1])
+    q, k = q.view(T, heads, d), k.view(T, kv_heads, d)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q = HeadNorm.apply(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+        k = HeadNorm.apply(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
     cos, sin = emb
-    q, k = Rope.apply(q.view(T, heads, d), k.view(T, kv_heads, d), cos[0], sin[0])
+    q, k = Rope.apply(q, k, cos[0], sin[0])
     out = attention.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling)
     (o_out,) = Projections.apply(out.reshape(T, heads * d), None, o[0], *o[1])
     h = x + o_out
@@ -307,17 +328,19 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
 
 
 def supported(layer, max_length: int | None = None) -> bool:
-    """A llama/qwen2-style decoder layer (base model, before LoRA): plain RMSNorms, full attention
-    without q/k norms, a SiLU-gated MLP. A sliding window (Mistral's is in its config) is full attention
+    """A llama/qwen2-style decoder layer (base model, before LoRA): plain RMSNorms (Qwen3's per-head q/k norms
+    too), full attention, a SiLU-gated MLP. A sliding window (Mistral's is in its config) is full attention
     only when no sample (at most `max_length` tokens) is longer than it."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or getattr(attn, "config", None) is None:
         return False
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+    norms += [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]  # Qwen3's per-head norms
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     return (getattr(attn.config, "model_type", "") in ARCHITECTURES
             and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
-            and (window is None or (max_length is not None and max_length <= window)) and not hasattr(attn, "q_norm")
+            and (window is None or (max_length is not None and max_length <= window))
+            and hasattr(attn, "q_norm") == hasattr(attn, "k_norm")
             and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
             and all(hasattr(attn, n) for n in PROJECTIONS[:4]) and all(hasattr(mlp, n) for n in PROJECTIONS[4:]))
 
