@@ -69,10 +69,12 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     return k / layers
 
 
-def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int):
+def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool = False):
     """What one lean decoder layer (decoder_layer.py) keeps per token, in hidden-widths: (with nothing
-    recomputed, less per recompute level, transient while one layer runs backward)."""
+    recomputed, less per recompute level, transient while one layer runs backward). Qwen3's per-head q/k
+    norms (qk_norm) keep q and k once more, before the norm."""
     attention = (2 * heads * head_dim + 2 * kv_heads * head_dim) / hidden  # q and the output, k and v
+    attention += (heads + kv_heads) * head_dim / hidden if qk_norm else 0
     mlp = intermediate / hidden  # gate or up
     return 2 + attention + 2 * mlp, mlp, 3 * mlp + 4  # + x and h; transient: the product, its gradient, a recompute
 
@@ -104,7 +106,8 @@ def choose_recompute(layers: int, widths: tuple, unit: float, free: float) -> tu
 def config_widths(config) -> tuple:
     heads = config.num_attention_heads
     return lean_layer_widths(config.hidden_size, config.intermediate_size, heads, config.num_key_value_heads,
-                             getattr(config, "head_dim", None) or config.hidden_size // heads)
+                             getattr(config, "head_dim", None) or config.hidden_size // heads,
+                             qk_norm=getattr(config, "model_type", "") == "qwen3")
 
 
 def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None = None) -> tuple[list[int], int]:

@@ -126,7 +126,8 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     loss = loss_bytes(shape.vocab, shape.hidden, s.loss_tokens, s.elt)
     checkpointed = s.checkpointed
     if s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (activation_memory.plan_memory)
-        widths = activation_memory.lean_layer_widths(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim)
+        widths = activation_memory.lean_layer_widths(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads,
+                                                     shape.head_dim, qk_norm=shape.model_type == "qwen3")
         unit = shape.hidden * s.elt * s.tokens
         if checkpointed is None:
             free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
