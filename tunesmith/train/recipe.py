@@ -172,6 +172,13 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         lean = lora_linear.all_lean(model)
         lean_layers = lean_layers and decoder_layer.use_lean_layers(model, args.max_length)
         notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
+        kind = getattr(model.config, "model_type", "")
+        window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
+        short = window is not None and window < args.max_length
+        if not lean_layers and args.packing_window and (kind not in decoder_layer.ARCHITECTURES or short):
+            why = (f"the lean ones take {', '.join(decoder_layer.ARCHITECTURES)}" if kind not in decoder_layer.ARCHITECTURES
+                   else f"a sliding window of {window} tokens, shorter than --max_length {args.max_length}")
+            notes.append(f"transformers' {kind} decoder layers ({why})")  # the family's own layers: say why
     levels = [0] * len(layers)  # recompute levels of the lean layers (plan_memory's, where memory is short)
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
