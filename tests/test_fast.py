@@ -334,9 +334,9 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(family):
-    """sft's model (prepare_model: packed rows, per-sample attention, lean LoRA and lean layers where they apply)
-    gives the loss and gradients of transformers + PEFT on each sample alone, with the family's own attention
-    (eager for Gemma 2): sliding windows, softcapping and q/k norms included."""
+    """sft's model and loss (prepare_model: packed rows, per-sample attention, lean LoRA and lean layers where they
+    apply; loss_of) give the loss and gradients of the PEFT model's own forward on each sample alone, with the
+    family's own attention (eager for Gemma 2): sliding windows, both of Gemma 2's softcaps and q/k norms included."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunesmith.model.families import attention_implementation
@@ -356,7 +356,11 @@ def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(fam
         for name, p in m.named_parameters():
             if "lora_B" in name:  # (PEFT starts B at zero: no gradient would reach A)
                 torch.nn.init.normal_(p, std=0.1)
-        total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
+        if packed:
+            total = sum(loss_of(m, b) for b in micro_batches(data, args, "cpu"))
+        else:  # transformers' logits (PEFT's forward), cross-entropy on the answer tokens
+            total = sum(torch.nn.functional.cross_entropy(m(input_ids=torch.tensor([s.input_ids])).logits[0, :-1],
+                                                          torch.tensor(s.labels[1:]), reduction="sum") for s in data)
         total.backward()
         results.append((total.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
         if packed:  # the lean decoder layers take the llama-style families whose samples fit their window

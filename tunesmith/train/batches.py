@@ -103,7 +103,13 @@ def loss_of(model, batch, loss=fused_loss.linear_cross_entropy) -> "torch.Tensor
                                  position_ids=batch["position_ids"], use_cache=False, **extra)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         hidden = hidden.index_select(0, batch["loss_positions"])
-        return loss(hidden, base.get_output_embeddings(), batch["loss_targets"])
+        head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+        if cap and loss is fused_loss.linear_cross_entropy:  # Gemma 2's capped logits (tanh), as its forward
+            import torch  # computes them: the general chunked path
+
+            return fused_loss.chunked_cross_entropy(hidden, lambda h: torch.tanh(head(h) / cap) * cap,
+                                                    batch["loss_targets"], chunk=1024)
+        return loss(hidden, head, batch["loss_targets"])
 
 
 class AnswerTokens:
