@@ -106,3 +106,31 @@ def test_data_inspect_shows_each_family_trained_as_served(family, tokenizer_for,
     data.write_text(json.dumps({"messages": conversation("Q1?", "A1.", "Q2?", "A2.")}) + "\n", encoding="utf-8")
     proc = tunesmith("data", "inspect", "--model", folder, "--dataset", data, "--system", "S")
     assert SHOWN[family] in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_with_thinking_off_is_served_with_thinking_off(tokenizer_for, default_model, tmp_path):
+    """sft --enable_thinking false on a Qwen3-template model: infer, deploy, eval and export take the switch from the
+    adapter's args.json (an explicit flag still wins), so the prompt opens with the empty think block it trained on."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import GUIDE_DATA, tunesmith
+    from tunesmith.args import InferArguments
+    from tunesmith.inference.infer import load_chat
+
+    folder = tmp_path / "qwen3"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen3", vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16)).save_pretrained(folder)
+    tok = tokenizer_for("qwen3")
+    tok.save_pretrained(folder)
+    proc = tunesmith("sft", "--model", folder, "--dataset", GUIDE_DATA, "--max_steps", "1", "--enable_thinking", "false",
+                     "--output_dir", tmp_path / "out")
+    ckpt = proc.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]
+    question = [{"role": "user", "content": "你是谁?"}]
+    served = load_chat(InferArguments(adapters=[ckpt], device="cpu"))
+    assert tok.decode(served.template.encode_prompt(question)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = load_chat(InferArguments(adapters=[ckpt], device="cpu", enable_thinking=True))
+    assert tok.decode(thinking.template.encode_prompt(question)).endswith("<|im_start|>assistant\n")
