@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .sources import ROLE_MAP, detect_form, fill_placeholders, open_sources, parse_columns, sample, split, to_messages
+from .sources import ROLE_MAP, detect_form, fill_placeholders, open_sources, sample, split, to_messages
 from .template import IGNORE, ChatTemplate, Encoded
 
 
@@ -156,7 +156,7 @@ def prepare(args, tok) -> PreferenceSet:
 
     def read(specs: list[str], prefix: str) -> tuple[list, list[str]]:
         items, report = [], []
-        for src in open_sources(specs, parse_columns(args.columns)):
+        for src in open_sources(specs, args.column_map):
             records, forms = [], set()
             for _, where, record in src.records():
                 form, prompt, answers = parse_record(record, where)
