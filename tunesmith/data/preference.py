@@ -33,6 +33,10 @@ class Answer:
         answer = self.answer if answer is None else answer
         return Encoded(self.prompt + answer, [IGNORE] * len(self.prompt) + list(answer))
 
+    def whole(self) -> Encoded:
+        """The sequence with loss on every token, the prompt's too (ORPO's NLL term, as TRL computes it)."""
+        return Encoded(self.prompt + self.answer, self.prompt + self.answer)
+
 
 @dataclass
 class Pair:

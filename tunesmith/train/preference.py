@@ -50,7 +50,7 @@ class Objective:
         self.reference = reference  # None: the base (adapter off); REF: the frozen adapter
         self.kind, self.beta = args.rlhf_type, args.beta
         self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}
 
     # --- what fit() asks -----------------------------------------------------------------------
 
@@ -68,8 +68,8 @@ class Objective:
         window = {"n": len(items)}
         if self.kind == "kto":
             window["kl"] = self._kl(items, device) if len(items) > 1 else 0.0
-        else:
-            window["chosen_tokens"] = sum(len(p.chosen.answer) for p in items)
+        else:  # the tokens the NLL term is a mean over (ORPO's runs over the whole chosen sequence, as TRL's)
+            window["chosen_tokens"] = sum(self._nll_tokens(p) for p in items)
         groups, group, size = [], [], 0
         for item in items:
             if group and size + item.length() > budget:
@@ -83,11 +83,15 @@ class Objective:
 
     def __call__(self, micro):
         items, window = micro["items"], micro["window"]
+        whole = None  # the answer's length where a sequence carries loss beyond its answer
         if self.kind == "kto":
             seqs = [s.answer.encoded() for s in items]
+        elif self.kind == "orpo":
+            seqs = [e for p in items for e in (p.chosen.whole(), p.rejected.encoded())]
+            whole = [n for p in items for n in (len(p.chosen.answer), None)]
         else:
             seqs = [e for p in items for e in (p.chosen.encoded(), p.rejected.encoded())]
-        policy, nll = self._logps(seqs, micro["device"], grad=True)
+        policy, nll = self._logps(seqs, micro["device"], grad=True, whole=whole)
         ref = None
         if self.kind in ("dpo", "kto"):
             with torch.no_grad(), self._reference():
@@ -96,8 +100,11 @@ class Objective:
 
     def metrics(self) -> dict:
         """Means since the last call, in TRL's names."""
-        out = {k: round(self.sums[k] / self.counts[k], 6) for k in self.sums if self.counts[k]}
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        if self.kind == "kto" and "rewards/chosen" in out and "rewards/rejected" in out:  # TRL: of the means
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         self.sums, self.counts = {}, {}
+        out = {k: round(v, 6) for k, v in out.items()}
         return out
 
     # --- the losses ------------------------------------------------------------------------------
@@ -117,7 +124,7 @@ class Objective:
         loss = losses.sum()
         if a.rpo_alpha:  # RPO: TRL's "sft" term, the NLL per chosen token of the window
             loss = loss + a.rpo_alpha * nll * window["n"] / window["chosen_tokens"]
-            self._add("nll_loss", nll.item() / sum(len(p.chosen.answer) for p in items), 1)
+            self._nll(items, window, nll)
         self._rewards(self.beta * chosen_ratio.detach(), self.beta * rejected_ratio.detach(), chosen, rejected)
         return loss
 
@@ -128,7 +135,7 @@ class Objective:
         loss = -F.logsigmoid(self.beta * logits).sum()
         if self.args.cpo_alpha:
             loss = loss + self.args.cpo_alpha * nll * window["n"] / window["chosen_tokens"]
-        self._add("nll_loss", nll.item() / sum(len(p.chosen.answer) for p in items), 1)
+        self._nll(items, window, nll)
         self._rewards(self.beta * chosen.detach(), self.beta * rejected.detach(), chosen, rejected)
         return loss
 
@@ -138,7 +145,7 @@ class Objective:
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
         ratio = F.logsigmoid(log_odds)
         loss = nll * window["n"] / window["chosen_tokens"] - self.beta * ratio.sum()
-        self._add("nll_loss", nll.item() / sum(len(p.chosen.answer) for p in items), 1)
+        self._nll(items, window, nll)
         self._add("log_odds_ratio", ratio.sum().item(), len(items))
         self._add("log_odds_chosen", log_odds.sum().item(), len(items))
         self._rewards(self.beta * chosen.detach(), self.beta * rejected.detach(), chosen, rejected)
@@ -163,28 +170,49 @@ class Objective:
 
     # --- pieces ------------------------------------------------------------------------------------
 
-    def _logps(self, seqs, device, grad: bool):
-        """Summed log-probability of each sequence's answer, and the summed NLL of the chosen answers (even
-        positions; KTO: none), from packed rows."""
-        out = []
-        for row in self._rows(seqs, device):
+    def _logps(self, seqs, device, grad: bool, whole=None):
+        """Summed log-probability of each sequence's answer, and the summed NLL of the chosen sequences (even
+        positions; KTO: none), from packed rows. `whole`: per sequence, None, or its answer's length where the
+        sequence carries loss on its prompt too (ORPO's chosen: the NLL covers them, the log-probability not)."""
+        out, totals = [], []
+        for row in self._rows(seqs, device, whole):
             per_token = loss_of(self.model, row["batch"], loss=token_logps)
-            out.append(torch.zeros(row["n"], device=per_token.device, dtype=per_token.dtype).index_add_(
-                0, row["segments"], per_token))
-        logps = torch.cat(out)
-        nll = -logps[0::2].sum() if grad and self.kind != "kto" else None
+            zeros = torch.zeros(row["n"], device=per_token.device, dtype=per_token.dtype)
+            totals.append(zeros.index_add(0, row["segments"], per_token))
+            out.append(totals[-1] if row["answer"] is None else
+                       zeros.index_add(0, row["segments"], per_token * row["answer"]))
+        logps, totals = torch.cat(out), torch.cat(totals)
+        nll = -totals[0::2].sum() if grad and self.kind != "kto" else None
         return logps, nll
 
-    def _rows(self, seqs, device):
-        """micro_batches' rows for these sequences, each with which sequence every answer token belongs to."""
+    def _rows(self, seqs, device, whole=None):
+        """micro_batches' rows for these sequences, each with which sequence every loss token belongs to (and,
+        with `whole`, a mask of the answer tokens among them)."""
         start = 0
         for batch in micro_batches(seqs, self.args, device):
             n = batch["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
             mine = seqs[start:start + n]
-            counts = [sum(1 for x in s.labels[1:] if x != -100) for s in mine]  # the shifted labels' answer tokens
+            counts = [sum(1 for x in s.labels[1:] if x != -100) for s in mine]  # the shifted labels' loss tokens
             segments = torch.repeat_interleave(torch.arange(n), torch.tensor(counts)).to(device)
-            yield {"batch": batch, "n": n, "segments": segments}
+            answer = None
+            if whole is not None:  # an answer is the last tokens of its sequence
+                lengths = [c if a is None else a for c, a in zip(counts, whole[start:start + n])]
+                answer = torch.tensor([float(j >= c - a) for c, a in zip(counts, lengths) for j in range(c)],
+                                      device=device)
+            yield {"batch": batch, "n": n, "segments": segments, "answer": answer}
             start += n
+
+    def _nll_tokens(self, pair) -> int:
+        """The tokens of a pair's NLL term: the chosen answer's; ORPO's, all of the chosen sequence but its first
+        (TRL's ORPOTrainer computes it over prompt and answer)."""
+        if self.kind == "orpo":
+            return len(pair.chosen.prompt) + len(pair.chosen.answer) - 1
+        return len(pair.chosen.answer)
+
+    def _nll(self, items, window, nll) -> None:
+        """nll_loss as TRL logs it: the mean per token of the step's NLL term (this group's share of it)."""
+        share = sum(self._nll_tokens(p) for p in items) / window["chosen_tokens"]
+        self._add("nll_loss", nll.item() / window["chosen_tokens"], share)
 
     def _answer_tokens(self, items, policy):
         as_tensor = lambda xs: torch.tensor(xs, device=policy.device, dtype=policy.dtype)  # noqa: E731
@@ -224,6 +252,6 @@ class Objective:
         self._add("logps/chosen", chosen_logps.detach().sum().item(), n)
         self._add("logps/rejected", rejected_logps.detach().sum().item(), n)
 
-    def _add(self, key: str, total: float, n: int) -> None:
+    def _add(self, key: str, total: float, n: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + total
         self.counts[key] = self.counts.get(key, 0) + n
