@@ -1,30 +1,18 @@
 """Model families beyond qwen2/llama on tiny random models with the default model's tokenizer (issue 17)."""
 
-import shutil
-
 import pytest
 
-from conftest import GUIDE_DATA, tunesmith
+from conftest import GUIDE_DATA, tiny_model, tunesmith
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def qwen3_moe(tmp_path_factory, default_model):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("families") / "qwen3_moe"
-    config = AutoConfig.for_model("qwen3_moe", vocab_size=151936, hidden_size=64, intermediate_size=128,
-                                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                  tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for f in default_model.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template")):
-            shutil.copy(f, folder / f.name)
-    return folder
+    return tiny_model(tmp_path_factory.mktemp("families") / "qwen3_moe", default_model, "qwen3_moe",
+                      vocab_size=151936, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                      num_experts_per_tok=2, tie_word_embeddings=False)
 
 
 def test_a_qwen3_moe_adapter_chats_and_merges(qwen3_moe, tmp_path):
