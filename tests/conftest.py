@@ -135,6 +135,24 @@ def default_model():
     return resolve_model(None).path
 
 
+def tiny_model(folder: Path, tokenizer_from: Path, model_type: str, **config) -> Path:
+    """A tiny random model of `model_type` (seeded, saved to `folder`) with the tokenizer and chat template of
+    `tokenizer_from` (the default model's): the real code paths of a family in seconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).save_pretrained(folder)
+    return copy_tokenizer(folder, tokenizer_from)
+
+
+def copy_tokenizer(folder: Path, tokenizer_from: Path) -> Path:
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tuned(tmp_path_factory, default_model):
     """Train the README's adapter once; returns (checkpoint folder, run folder, sft stdout)."""

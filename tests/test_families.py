@@ -2,11 +2,10 @@
 commands a user runs: sft, infer, eval and export --merge_lora."""
 
 import json
-import shutil
 
 import pytest
 
-from conftest import GUIDE_DATA, tunesmith
+from conftest import GUIDE_DATA, copy_tokenizer, tiny_model, tunesmith
 
 pytestmark = pytest.mark.slow
 
@@ -27,28 +26,14 @@ FAMILIES = {
 FLAGS = {"qwen3_moe": ["--lora_dropout", "0"]}  # PEFT adapts the experts' 3-D weights without dropout
 
 
-def with_tokenizer(folder, default_model):
-    for f in default_model.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template")):
-            shutil.copy(f, folder / f.name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, default_model):
     """family -> (its tiny random model folder, a checkpoint of 2 sft steps on it, sft's stderr); trained once."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     root, done = tmp_path_factory.mktemp("families"), {}
 
     def train(family):
         if family not in done:
-            folder = root / family
-            torch.manual_seed(0)
-            config = AutoConfig.for_model(family, **SHAPE, **FAMILIES[family])
-            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-            with_tokenizer(folder, default_model)
+            folder = tiny_model(root / family, default_model, family, **SHAPE, **FAMILIES[family])
             proc = tunesmith("sft", "--model", folder, "--dataset", GUIDE_DATA, "--max_steps", "2", "--learning_rate",
                              "1e-2", *FLAGS.get(family, []), "--output_dir", root / f"{family}-out")
             done[family] = folder, proc.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1], proc.stderr
@@ -104,7 +89,7 @@ def test_a_family_tunesmith_does_not_train_is_one_line_before_any_weights(tmp_pa
 
     folder = tmp_path / "gemma3"
     AutoConfig.for_model("gemma3").save_pretrained(folder)
-    with_tokenizer(folder, default_model)
+    copy_tokenizer(folder, default_model)
     for command in (["sft", "--dataset", GUIDE_DATA, "--output_dir", tmp_path / "out"], ["infer", "--query", "hi"]):
         proc = tunesmith(command[0], "--model", folder, *command[1:], check=False)
         lines = proc.stderr.strip().splitlines()

@@ -229,6 +229,48 @@ class SftArguments(DataArguments):
         return max(1, math.ceil(16 / self.per_device_train_batch_size / world_size))
 
 
+RLHF_TYPES = ["dpo", "orpo", "simpo", "kto"]
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}  # ms-swift's, which are TRL's and SimPO's
+
+
+@dataclass
+class RlhfArguments(SftArguments):
+    """`tunesmith rlhf`: preference tuning of a LoRA adapter (DPO, ORPO, SimPO, KTO), after `sft` or on its own."""
+
+    rlhf_type: str = arg("dpo", "preference method: dpo, orpo, simpo or kto", choices=RLHF_TYPES)
+    beta: Optional[float] = arg(None, "strength of the preference (default: 0.1; simpo 2.0)")
+    loss_type: Optional[str] = arg(None, "dpo: sigmoid (default), ipo or hinge",
+                                   choices=["sigmoid", "ipo", "hinge"])
+    rpo_alpha: Optional[float] = arg(None, "dpo: weight of an added NLL loss on the chosen answers (RPO; default none)")
+    simpo_gamma: float = arg(1.0, "simpo: target reward margin gamma")
+    cpo_alpha: float = arg(1.0, "simpo: weight of the NLL loss on the chosen answers")
+    desirable_weight: float = arg(1.0, "kto: weight of the desirable (label true) answers")
+    undesirable_weight: float = arg(1.0, "kto: weight of the undesirable (label false) answers")
+    adapters: list[str] = arg([], "start from this adapter (a `tunesmith sft` checkpoint); its base model, template "
+                                  "and system prompt come from its args.json unless given")
+    ref_adapters: list[str] = arg([], "the reference model: the base with this adapter (default: the base without "
+                                      "an adapter, or with --adapters' starting adapter)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.rlhf_type]
+        if not self.beta > 0:
+            raise UserError(f"--beta must be positive, got {self.beta}")
+        if self.loss_type is not None and self.rlhf_type != "dpo":
+            raise UserError(f"--loss_type {self.loss_type} is for --rlhf_type dpo; {self.rlhf_type} has its own loss")
+        self.loss_type = self.loss_type or ("sigmoid" if self.rlhf_type == "dpo" else self.rlhf_type)
+        for name in ["adapters", "ref_adapters"]:
+            if len(getattr(self, name)) > 1:
+                raise UserError(f"--{name} takes one checkpoint folder")
+        if self.ref_adapters and self.rlhf_type in ("orpo", "simpo"):
+            raise UserError(f"--ref_adapters: {self.rlhf_type} uses no reference model")
+        for name in ["rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight"]:
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise UserError(f"--{name} must not be negative, got {v}")
+
+
 @dataclass
 class InferArguments(BaseArguments):
     """`tunesmith infer`: chat with a base model or a tuned adapter."""

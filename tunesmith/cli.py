@@ -1,6 +1,7 @@
 """The command line, generated from the argument dataclasses in args.py.
 
     tunesmith sft   [config.yaml] --flag value ...   train a LoRA adapter
+    tunesmith rlhf  --rlhf_type dpo|orpo|simpo|kto   preference tuning, after sft or on its own
     tunesmith infer [config.yaml] --flag value ...   chat with a base model or adapter
     tunesmith data inspect DATASET... --flag value   what training would see: counts, lengths, loss mask
     tunesmith export / deploy / eval ...             merge and GGUF, serve, before/after table
@@ -24,6 +25,7 @@ from .train import status
 
 COMMANDS = {
     "sft": ("SftArguments", "tunesmith.train.recipe", "train a LoRA adapter on your data"),
+    "rlhf": ("RlhfArguments", "tunesmith.train.rlhf", "preference tuning of a LoRA adapter: dpo, orpo, simpo, kto"),
     "infer": ("InferArguments", "tunesmith.inference.infer", "chat with a base model or a tuned adapter"),
     "data": ("InspectArguments", "tunesmith.data.inspect",
              "`data inspect DATASET...`: counts, token lengths and the loss mask, before training"),
@@ -205,17 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         rest = (["--dataset", *rest[:k]] if k else []) + rest[k:]
     try:
         args = parse_args(command, rest)
-        if command == "sft" and not args.dry_run:
+        if command in ("sft", "rlhf") and not args.dry_run:
             from .train.distributed import relaunch
 
             code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
             if code is not None:
                 return code
-        if hasattr(args, "model") and command in ("sft", "infer") and not settings.no_prefetch():
+        adapter_names_model = command == "rlhf" and args.adapters and not args.model  # rlhf.run reads it first
+        if hasattr(args, "model") and command in ("sft", "rlhf", "infer") and not adapter_names_model and not settings.no_prefetch():
             from .model import preload
 
             preload.prefetch(args.model)  # overlaps reading the weights with the imports below
-            if command == "sft" and not args.dry_run:
+            if command in ("sft", "rlhf") and not args.dry_run:
                 preload.stage(args)  # and, on a GPU, copying them there
         import importlib
 

@@ -271,6 +271,13 @@ class Source:
         for p in self.files:
             yield str(p), read_file(p)
 
+    def records(self) -> Iterator[tuple[str, str, object]]:
+        """(file label, where, record) of every record, fields renamed by --columns (data/preference.py reads
+        its own forms from these)."""
+        for label, rows in self._groups():
+            for where, record in rows:
+                yield label, where, remap(record, self.columns, where)
+
     def messages(self, wanted: set[int], names: list[str], authors: list[str]) -> Iterator[tuple[int, str, list[dict]]]:
         """(index, where, messages) of the wanted records. Every record is checked, wanted or not,
         so a file's errors do not depend on the seed."""

@@ -66,7 +66,10 @@ def save_checkpoint(run_dir: Path, step: int, model, extra_files: dict, save_tot
     tmp = run_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, **({"state_dict": adapter_state} if adapter_state is not None else {}))
+        kw = {"state_dict": adapter_state} if adapter_state is not None else {}
+        if len(getattr(model, "peft_config", {})) > 1:  # rlhf's frozen reference adapter beside it: not saved
+            kw["selected_adapters"] = [model.active_adapter]
+        model.save_pretrained(tmp, **kw)
         for name, obj in extra_files.items():
             if name.endswith(".json"):
                 (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

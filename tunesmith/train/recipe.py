@@ -31,7 +31,8 @@ from .run_log import process_start
 MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarely takes (see run_plan)
 
 
-def run(args: SftArguments) -> int:
+def run(args: SftArguments, method=None) -> int:
+    """`method` (rlhf.py: preference tuning) brings its own data, adapter and loss; None is sft."""
     t_start = time.time()
     marks = {"launch": process_start(), "start": t_start}
     status.update(phase="starting")
@@ -50,7 +51,7 @@ def run(args: SftArguments) -> int:
     tok = load_tokenizer(resolved.path)
     template = ChatTemplate(tok, args.system)
     with par.main_first():  # rank 0 tokenizes and caches, the others read its cache
-        data = prepare(args, tok, resolved.path)
+        data = method.prepare(args, tok) if method else prepare(args, tok, resolved.path)
     for line in data.report:
         log(line)
     train_set, val_set, stats = data.train, data.val, data.stats
@@ -72,7 +73,8 @@ def run(args: SftArguments) -> int:
     fingerprint = resume.data_fingerprint(train_set)
     ckpt = resume.find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     state = resume.check_same_run(ckpt, args, fingerprint, par.world) if ckpt else None
-    longest_row = _longest_row(train_set, args, plan["accumulation"])
+    length = method.length if method else (lambda s: len(s.input_ids))
+    longest_row = _longest_row(train_set, args, plan["accumulation"], length)
     device = par.device(args.device)
     planner.check_fits(args, resolved.path, longest_row, device, par.world)  # before any weights load
 
@@ -83,10 +85,11 @@ def run(args: SftArguments) -> int:
         args.gradient_checkpointing = 1.0
     model = load_model(resolved.path, dtype, "cpu" if par.fsdp else device, args.quant_bits)  # FSDP: shards move
     marks["loaded"] = time.time()
-    model = prepare_model(model, args, device, longest_row=longest_row)
-    forward = par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
+    model = prepare_model(model, args, device, longest_row=longest_row, adapter=method.adapter if method else add_lora)
+    objective = method.objective(model, args) if method else None
+    forward = objective or par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
     graphed = None
-    if args.cuda_graphs and not par.active and cuda_graphs.usable(model, device):
+    if args.cuda_graphs and not par.active and not method and cuda_graphs.usable(model, device):
         graphed = cuda_graphs.GraphedRows(model, forward)
     optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
     run_dir = None
@@ -110,7 +113,7 @@ def run(args: SftArguments) -> int:
 
     try:
         last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device,
-                   resolved.name, marks, state, par=par, forward=forward, graphed=graphed)
+                   resolved.name, marks, state, par=par, forward=forward, graphed=graphed, objective=objective)
     except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
         raise resume.write_failed(e, run_dir) from None
     if last.get("stopped_by"):
@@ -152,7 +155,7 @@ def run_plan(args: SftArguments, n_samples: int, world: int = 1) -> dict:
 
 
 def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None,
-                  memory_budget: int | None = None):
+                  memory_budget: int | None = None, adapter=None):
     """Fast-path switches (engine/), LoRA, and recompute/checkpointing where memory needs it."""
     notes = []
     if args.packing_window:
@@ -164,7 +167,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = patches.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
-    model = add_lora(model, args)
+    model = (adapter or add_lora)(model, args)
     lean = False
     if args.lean_lora:
         n = lora_linear.use_lean_lora(model)
@@ -202,9 +205,9 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
     return model
 
 
-def _longest_row(train_set, args: SftArguments, accumulation: int) -> int:
+def _longest_row(train_set, args: SftArguments, accumulation: int, length=lambda s: len(s.input_ids)) -> int:
     """Tokens in the largest forward pass: a packed window (capped at its row budget) or a micro-batch."""
-    lengths = sorted((len(s.input_ids) for s in train_set), reverse=True)
+    lengths = sorted((length(s) for s in train_set), reverse=True)
     if args.packing_window:
         budget = max(args.max_length, args.per_device_train_batch_size * args.max_length)
         return min(budget, sum(lengths[: args.per_device_train_batch_size * accumulation]))

@@ -13,6 +13,7 @@ run that was never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -79,7 +80,7 @@ def data_fingerprint(train_set) -> str:
         h.update(np.ascontiguousarray(train_set.rows).tobytes())
     else:
         for s in train_set:
-            h.update(json.dumps([s.input_ids, s.labels]).encode())
+            h.update(json.dumps([s.input_ids, s.labels] if hasattr(s, "labels") else dataclasses.asdict(s)).encode())
     return h.hexdigest()
 
 
@@ -172,7 +173,7 @@ def continue_in(ckpt: Path, output_dir: str, step: int) -> Path:
 
 def resume_command(ckpt: Path) -> str:
     """This process's own command line with --resume_from_checkpoint CKPT."""
-    argv = sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] == "sft" else ["sft", "..."]
+    argv = sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("sft", "rlhf") else ["sft", "..."]
     out, skip = [], False
     for tok in argv:
         if skip:
