@@ -24,12 +24,12 @@ from ..model.resolve import cache_root, resolve_model
 from .sources import BUILTIN_DIR, DatasetSpec, Source
 
 BANK = BUILTIN_DIR / "replay_prompts.jsonl"
-VERSION = 2  # bump when the generation or the stored records change
+VERSION = 3  # bump when the generation or the stored records change
 MAX_NEW_TOKENS = 128  # a longer answer is left out, not cut: a cut one would teach the model to stop mid-sentence
-# Only answers the model is sure of are replayed (mean probability of its chosen tokens): training on an answer it
-# was unsure of makes it sure, which moves the model instead of holding it. On the default model, replaying every
-# greedy answer drifted its other general answers further than no replay at all, and turned Jupiter into Mars.
-CONFIDENT = 0.8
+# Greedy answers, what the base says today. Sampled ones (temperature 1) would hold the distribution in expectation,
+# but one sample per prompt from a small model is often wrong ("the Mona Lisa was painted by Oliver"), and the
+# adapter learns it. The bank leaves out prompts whose answer names a near rival of a common fact ("the Red
+# Planet" -> Mars, which turned "the largest planet" into Mars).
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # known by name, size and time: hashing GBs costs too much
 
 
@@ -74,21 +74,20 @@ def ensure(args, load_chat) -> None:
         log(f"--replay_ratio: the base model answers {len(bank)} general prompts once (greedy); "
             f"cached for every later run on it at {path}")
         chat = load_chat(InferArguments(model=args.model, system=args.system, enable_thinking=args.enable_thinking,
-                                        torch_dtype=args.torch_dtype, device=args.device, temperature=0.0,
-                                        max_new_tokens=MAX_NEW_TOKENS))
+                                        torch_dtype=args.torch_dtype, device=args.device))
         t0 = time.time()
-        answers = chat.generate_greedy([chat.template.encode_prompt([{"role": "user", "content": q}]) for q in bank],
-                                       MAX_NEW_TOKENS)
-        records = [{"query": q, "response": a.text} for q, a in zip(bank, answers) if a.finish_reason == "stop"
-                   and a.confidence >= CONFIDENT and a.text and "{{" not in a.text]  # {{ would read as a placeholder
+        answers = chat.greedy_many([chat.template.encode_prompt([{"role": "user", "content": q}]) for q in bank],
+                                   MAX_NEW_TOKENS)
+        records = [{"query": q, "response": a.text} for q, a in zip(bank, answers)
+                   if a.finish_reason == "stop" and a.text and "{{" not in a.text]  # {{ would read as a placeholder
         if not records:
-            raise UserError(f"--replay_ratio: the base model was sure (mean token probability {CONFIDENT}) of none of "
-                            f"its answers to the {len(bank)} general prompts; train without replay (--replay_ratio 0)")
+            raise UserError(f"--replay_ratio: the base model finished none of its answers to the {len(bank)} general "
+                            f"prompts within {MAX_NEW_TOKENS} tokens; train without replay (--replay_ratio 0)")
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         os.replace(tmp, path)
-        log(f"replay: {len(records)} of {len(bank)} answers kept (finished within {MAX_NEW_TOKENS} tokens, mean token "
-            f"probability {CONFIDENT} or more) in {time.time() - t0:.0f} s")
+        log(f"replay: {len(records)} of {len(bank)} answers kept (finished within {MAX_NEW_TOKENS} tokens) "
+            f"in {time.time() - t0:.0f} s")
         del chat
         _free_gpu()
 

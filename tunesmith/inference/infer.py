@@ -29,7 +29,6 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens reached)
-    confidence: float | None = None  # generate_greedy: the mean probability the model gave its chosen tokens
 
 
 @dataclass
@@ -103,41 +102,29 @@ class Chat:
         finish = "stop" if ended or len(new) < kwargs["max_new_tokens"] or len(_cut(full, stop or [])) < len(full) else "length"
         return Generation(text, len(ids), len(new), finish)
 
-    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> list[Generation]:
-        """Greedy answers to many prompts, batch_size at a time (left-padded and masked), each with its confidence.
-        On a CPU one answer is bound by reading all weights once per token, so a batch costs little more than one."""
+    def greedy_many(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> list[Generation]:
+        """The greedy answers to many prompts, batch_size at a time (left-padded and masked). On a CPU one answer is
+        bound by reading all weights once per token, so a batch costs little more than one answer."""
         import torch
-        from transformers import LogitsProcessor, LogitsProcessorList
-
-        class Chosen(LogitsProcessor):  # the probability of each row's greedy choice, step by step
-            def __init__(self):
-                self.steps = []
-
-            def __call__(self, input_ids, scores):
-                self.steps.append(scores.float().softmax(-1).amax(-1))
-                return scores
 
         eos = end_of_turn_ids(self.tok, self.model)
         pad = eos[0] if self.tok.pad_token_id is None else self.tok.pad_token_id
         out = []
         for start in range(0, len(prompts), batch_size):
-            group, chosen = prompts[start:start + batch_size], Chosen()
+            group = prompts[start:start + batch_size]
             width = max(map(len, group))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=self.device)
             with torch.no_grad():
                 rows = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                           do_sample=False, temperature=None, top_p=None, top_k=None,
-                                           repetition_penalty=self.args.repetition_penalty, eos_token_id=eos,
-                                           pad_token_id=pad, logits_processor=LogitsProcessorList([chosen]))
-            probs = torch.stack(chosen.steps, 1).tolist()
-            for p, row, prob in zip(group, rows[:, width:].tolist(), probs):
+                                           do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                           eos_token_id=eos, pad_token_id=pad)
+            for p, row in zip(group, rows[:, width:].tolist()):
                 end = next((k for k, t in enumerate(row) if t in eos), None)
                 n = len(row) if end is None else end + 1
                 text = self.tok.decode(row[:n], skip_special_tokens=True).strip()
-                out.append(Generation(text, len(p), n, "length" if end is None else "stop", sum(prob[:n]) / n))
+                out.append(Generation(text, len(p), n, "length" if end is None else "stop"))
         return out
-
 
 class _Streamer:
     """Hands on text as tokens arrive; decodes the whole answer so far so multi-byte characters stay whole.
