@@ -61,6 +61,13 @@ def test_answers_are_generated_once_per_model_and_mixed_at_the_ratio(tmp_path, d
     records = [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines()]
     assert len(records) > len(bank) // 2 and all(r["query"] in bank and r["response"].strip() for r in records)
     assert any(HAN.search(r["query"]) for r in records) and any(not HAN.search(r["query"]) for r in records)
+    # what is replayed is what the base model says: `tunesmith infer` gives the same greedy answers, one at a time
+    one_line = [r for r in records if "\n" not in r["response"]]
+    picked = [next(r for r in one_line if HAN.search(r["query"])), next(r for r in one_line if not HAN.search(r["query"]))]
+    said = tunesmith("infer", "--model", MODEL, "--system", "You are a helpful assistant.", "--temperature", "0",
+                     "--max_new_tokens", "128", "--stream", "false", *[a for r in picked for a in ("--query", r["query"])],
+                     env_extra=env).stdout.strip().splitlines()
+    assert said == [r["response"] for r in picked]
     mixed = f"replay of the base model's own answers (--replay_ratio 0.5): {len(records)} records (query/response), sampled 4"
     assert mixed in first.stderr and "12 training samples" in first.stderr
 
