@@ -18,15 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE_DATA = ROOT / "examples" / "self_cognition.json"
 # The README's main job: the guide's flags, but with enough optimizer steps to learn (see README).
 README_SFT = [
-    "--train_type", "lora", "--dataset", str(GUIDE_DATA), "--torch_dtype", "bfloat16",
-    "--num_train_epochs", "10",
+    "--train_type", "lora", "--dataset", str(GUIDE_DATA), "self-cognition#8", "--torch_dtype", "bfloat16",
+    "--num_train_epochs", "5",
     "--per_device_train_batch_size", "1",
     "--gradient_accumulation_steps", "2",
     "--learning_rate", "1e-4",
     "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
     "--logging_steps", "5", "--max_length", "2048",
     "--system", "You are a helpful assistant.",
-    "--model_author", "swift", "--model_name", "swift-robot",
+    "--model_author", "CSDN 迪菲赫尔曼", "--model_name", "Swift-Robot",
 ]
 
 

@@ -117,6 +117,9 @@ class SftArguments(DataArguments):
     """`tunesmith sft`: train a LoRA adapter."""
 
     train_type: str = arg("lora", "what to train (lora)", choices=["lora"], aliases=["tuner_type"])
+    replay_ratio: float = arg(
+        0.0, "keep the rest of the model as it was: mix in the base model's own answers to a built-in bank of general "
+        "prompts (Chinese and English), this many per training sample (0: off); generated once per base model, cached")
     num_train_epochs: float = arg(3.0, "passes over the training data")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
     per_device_train_batch_size: int = arg(1, "samples per micro-batch")
@@ -194,6 +197,9 @@ class SftArguments(DataArguments):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UserError(f"--{name} must be a positive number, got {v}")
+        if not (self.replay_ratio >= 0 and math.isfinite(self.replay_ratio)):
+            raise UserError(f"--replay_ratio must be 0 (off) or more replayed answers per training sample, "
+                            f"got {self.replay_ratio}")
         if not (self.num_train_epochs > 0 and math.isfinite(self.num_train_epochs)):
             raise UserError(f"--num_train_epochs must be positive, got {self.num_train_epochs}")
         if not (0 < self.learning_rate < 1):

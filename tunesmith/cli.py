@@ -208,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(command, rest)
         if command in ("sft", "rlhf") and not args.dry_run:
+            from .data import replay
+            from .inference.infer import load_chat
             from .train.distributed import relaunch
 
+            replay.ensure(args, load_chat)  # --replay_ratio: the base model's answers, once, before any process trains
             code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
             if code is not None:
                 return code

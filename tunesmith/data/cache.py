@@ -6,7 +6,7 @@
 Records stream from the files into worker processes (one per core) and come back as int32 arrays, so a
 large .jsonl is never held as text or as Python messages in memory. The cache key covers everything
 that changes the tokens: file contents, sampling, seed, tokenizer files and chat template, --system,
---max_length, --truncation_strategy, --loss_scale, --columns, --model_name/--model_author.
+--max_length, --truncation_strategy, --loss_scale, --columns, --model_name/--model_author, --replay_ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import replay
 from .sources import Source, open_sources, split
 from ..errors import UserError
 from ..model.resolve import cache_root
@@ -75,8 +76,9 @@ def prepare(args, tok, model_path: Path, use_cache: bool = True) -> Prepared:
     columns = args.column_map
     train_src = open_sources(args.dataset, columns)
     val_src = open_sources(getattr(args, "val_dataset", []), columns)
+    replay_src = replay.source(args, model_path)
     template = ChatTemplate(tok, args.system, getattr(args, "enable_thinking", None))
-    key = cache_key(args, train_src + val_src, tok, model_path)
+    key = cache_key(args, train_src + val_src + ([replay_src] if replay_src else []), tok, model_path)
     folder = cache_root() / "tokenized" / key
     if use_cache and (folder / "meta.json").exists():
         try:
@@ -84,7 +86,7 @@ def prepare(args, tok, model_path: Path, use_cache: bool = True) -> Prepared:
         except (OSError, ValueError, KeyError) as e:  # a damaged cache is rebuilt, never trusted
             log(f"tokenized cache {folder} is unreadable ({e}); tokenizing again")
     t0 = time.time()
-    store, meta = _build(args, template, train_src, val_src)
+    store, meta = _build(args, template, train_src, val_src, replay_src)
     log(f"tokenized {len(store['status'])} records in {time.time() - t0:.1f} s "
         f"({_workers(len(store['status']))} processes)")
     if use_cache:
@@ -104,7 +106,7 @@ def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
         "n_train": len(args.dataset), "seed": args.seed, "split": getattr(args, "split_dataset_ratio", 0.0),
         "system": args.system, "thinking": getattr(args, "enable_thinking", None), "max_length": args.max_length, "truncation": args.truncation_strategy,
         "loss_scale": args.loss_scale, "columns": args.column_map,
-        "names": args.model_name, "authors": args.model_author,
+        "names": args.model_name, "authors": args.model_author, "replay": getattr(args, "replay_ratio", 0),
     }
     h.update(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode())
     return h.hexdigest()[:24]
@@ -114,7 +116,8 @@ def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
 # Building: sample, stream records to the workers, keep compact arrays
 
 
-def _build(args, template: ChatTemplate, train_src: list[Source], val_src: list[Source]) -> tuple[dict, dict]:
+def _build(args, template: ChatTemplate, train_src: list[Source], val_src: list[Source],
+           replay_src: Source | None = None) -> tuple[dict, dict]:
     """Store every chosen record once; training/validation samples are row numbers into it."""
     pieces = {"ids": [], "trained": [], "raw_len": [], "status": []}
     where_of: list[str] = []
@@ -142,6 +145,9 @@ def _build(args, template: ChatTemplate, train_src: list[Source], val_src: list[
         train_rows, held_out = split(train_rows, ratio, args.seed)
         val_rows += held_out
         report.append(f"held out {len(held_out)} records for validation (--split_dataset_ratio {ratio})")
+    if replay_src is not None:  # mixed in after the split: replayed answers are trained on, never held out
+        replay_src.spec.sample = replay.count(args.replay_ratio, len(train_rows))
+        train_rows += add([replay_src], "")
     lengths = np.array([len(x) for x in pieces["ids"]], dtype=np.int64)
     store = {
         "ids": np.concatenate(pieces["ids"]) if pieces["ids"] else np.zeros(0, np.int32),

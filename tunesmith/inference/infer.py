@@ -103,6 +103,29 @@ class Chat:
         finish = "stop" if ended or len(new) < kwargs["max_new_tokens"] or len(_cut(full, stop or [])) < len(full) else "length"
         return Generation(text, len(ids), len(new), finish)
 
+    def greedy_many(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> list[Generation]:
+        """The greedy answers to many prompts, batch_size at a time (left-padded and masked). On a CPU one answer is
+        bound by reading all weights once per token, so a batch costs little more than one answer."""
+        import torch
+
+        eos = end_of_turn_ids(self.tok, self.model)
+        pad = eos[0] if self.tok.pad_token_id is None else self.tok.pad_token_id
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            group = prompts[start:start + batch_size]
+            width = max(map(len, group))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=self.device)
+            with torch.no_grad():
+                rows = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                           do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                           eos_token_id=eos, pad_token_id=pad)
+            for p, row in zip(group, rows[:, width:].tolist()):
+                end = next((k for k, t in enumerate(row) if t in eos), None)
+                n = len(row) if end is None else end + 1
+                text = self.tok.decode(row[:n], skip_special_tokens=True).strip()
+                out.append(Generation(text, len(p), n, "length" if end is None else "stop"))
+        return out
 
 class _Streamer:
     """Hands on text as tokens arrive; decodes the whole answer so far so multi-byte characters stay whole.
