@@ -41,17 +41,14 @@ def tunesmith(*args, check=True, input=None, cwd=None, timeout=1800, env_extra=N
 
 
 def load_datasets(specs: list[str], seed: int, names: list[str], authors: list[str], columns: dict | None = None):
-    """--dataset entries -> (records as {'messages', 'source'}, one report line per source), through the calls
-    the tokenized cache makes for sft (open_sources, Source.choose, Source.messages), without tokenizing."""
-    import random
-
+    """--dataset entries -> (records as {'messages', 'source'}, one report line per source), through the sampling
+    the tokenized cache does for sft (data.cache.sampled), without tokenizing."""
+    from tunesmith.data.cache import sampled
     from tunesmith.data.sources import open_sources
 
-    rng = random.Random(seed)
     records, report = [], []
-    for src in open_sources(specs, columns or {}):
-        chosen = src.choose(rng)
-        got = {i: (where, msgs) for i, where, msgs in src.messages(set(chosen), names, authors)}
+    for src, chosen, stream in sampled(open_sources(specs, columns or {}), seed, names, authors):
+        got = {i: (where, msgs) for i, where, msgs in stream}
         records += [{"messages": got[i][1], "source": got[i][0]} for i in chosen if i in got]
         report.append(src.report(len(chosen)))
     return records, report

@@ -28,7 +28,6 @@ import numpy as np
 
 from . import replay
 from .sources import Source, open_sources, split
-from ..errors import UserError
 from ..model.resolve import cache_root
 from ..console import log
 from .template import IGNORE, ChatTemplate, Encoded
@@ -116,6 +115,15 @@ def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
 # Building: sample, stream records to the workers, keep compact arrays
 
 
+def sampled(sources: list[Source], seed: int, names: list[str], authors: list[str]):
+    """Each source with what sft takes from it: (source, the chosen record numbers of its seeded #N sampling,
+    a stream of (number, where, chat messages) for them). The tests read datasets through this too."""
+    rng = random.Random(seed)
+    for src in sources:
+        chosen = src.choose(rng)
+        yield src, chosen, src.messages(set(chosen), names, authors)
+
+
 def _build(args, template: ChatTemplate, train_src: list[Source], val_src: list[Source],
            replay_src: Source | None = None) -> tuple[dict, dict]:
     """Store every chosen record once; training/validation samples are row numbers into it."""
@@ -124,13 +132,11 @@ def _build(args, template: ChatTemplate, train_src: list[Source], val_src: list[
     report: list[str] = []
 
     def add(sources: list[Source], prefix: str) -> list[int]:
-        rng = random.Random(args.seed)  # the same sampling as before caching existed
         rows: list[int] = []
-        for src in sources:
-            chosen = src.choose(rng)
+        for src, chosen, records in sampled(sources, args.seed, args.model_name, args.model_author):
             first_row = len(where_of)
             index: dict[int, int] = {}
-            stream = ((i, msgs) for i, where, msgs in _remember(src.messages(set(chosen), args.model_name, args.model_author), where_of, index, first_row))
+            stream = ((i, msgs) for i, where, msgs in _remember(records, where_of, index, first_row))
             for enc in _encode_stream(template, stream, args.max_length, args.truncation_strategy, args.loss_scale):
                 for k, v in zip(("ids", "trained", "raw_len", "status"), enc):
                     pieces[k].append(v)

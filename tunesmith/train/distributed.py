@@ -161,13 +161,6 @@ class Parallel:
             dist.all_reduce(t)
         return t.tolist()
 
-    def close(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
     # -- the work of one optimizer step ---------------------------------------------------------
 
     def share(self, window: list[int], lengths) -> list[int]:
