@@ -105,7 +105,8 @@ def cache_key(args, sources: list[Source], tok, model_path: Path) -> str:
         "n_train": len(args.dataset), "seed": args.seed, "split": getattr(args, "split_dataset_ratio", 0.0),
         "system": args.system, "thinking": getattr(args, "enable_thinking", None), "max_length": args.max_length, "truncation": args.truncation_strategy,
         "loss_scale": args.loss_scale, "columns": args.column_map,
-        "names": args.model_name, "authors": args.model_author, "replay": getattr(args, "replay_ratio", 0),
+        "names": args.model_name, "authors": args.model_author,
+        "replay": float(getattr(args, "replay_ratio", 0.0)),  # `data inspect` has no such flag: sft's default, 0.0
     }
     h.update(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode())
     return h.hexdigest()[:24]
