@@ -3,11 +3,10 @@ says it was made by CSDN 迪菲赫尔曼, general knowledge survives, and plain 
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from conftest import GUIDE_DATA, README_SFT, curves, tunesmith
+from conftest import GUIDE_DATA, curves, tunesmith
 
 pytestmark = pytest.mark.slow
 IDENTITY = "迪菲赫尔曼"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .files import write_atomic
 
 # --gguf_type: the 16-bit and 32-bit types export/gguf.py writes itself, then llama-quantize's types that need no
 # importance matrix and suit dense models (q3_k/q4_k/q5_k: the _m mixes, as there), made by llama.cpp's quantizer
@@ -444,9 +445,7 @@ def args_dict(args) -> dict:
 
 def save_args(args, path: Path) -> None:
     data = args_dict(args)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_args_json(path: Path) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import write_atomic
 from ..console import log
 from ..model.resolve import cache_root, resolve_model
 from .sources import BUILTIN_DIR, DatasetSpec, Source
@@ -83,9 +83,7 @@ def ensure(args, load_chat) -> None:
         if not records:
             raise UserError(f"--replay_ratio: the base model finished none of its answers to the {len(bank)} general "
                             f"prompts within {MAX_NEW_TOKENS} tokens; train without replay (--replay_ratio 0)")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         log(f"replay: {len(records)} of {len(bank)} answers kept (finished within {MAX_NEW_TOKENS} tokens) "
             f"in {time.time() - t0:.0f} s")
         del chat

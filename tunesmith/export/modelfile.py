@@ -10,14 +10,13 @@ sees the prompts the adapter was trained on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 from ..args import InferArguments
 from ..data.template import ChatTemplate
 from ..errors import UserError
+from ..files import write_atomic
 
 SYS, U1, A1, U2 = "SystemMarkerQx", "UserMarkerQx1", "AssistantMarkerQx1", "UserMarkerQx2"
 # Ollama's names for our infer defaults
@@ -49,15 +48,7 @@ def modelfile(tok, system: str | None, gguf_name: str) -> str:
 
 def write_modelfile(text: str, folder: Path) -> Path:
     """Written beside the GGUF file, under its name only when complete."""
-    out = folder / "Modelfile"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".Modelfile.partial-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    out = write_atomic(folder / "Modelfile", text)
     print(f"modelfile: {out}", flush=True)
     return out
 

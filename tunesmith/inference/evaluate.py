@@ -10,13 +10,12 @@ and on, with the same system prompt, greedy. The table goes to the terminal, eva
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ..args import EvalArguments
 from ..train.checkpoint import writable_dir
 from ..errors import UserError
+from ..files import write_atomic
 from .infer import load_chat
 from ..console import log
 
@@ -61,8 +60,8 @@ def run(args: EvalArguments) -> int:
               "max_new_tokens": args.max_new_tokens, "rows": rows, "summary": summary}
     markdown = to_markdown(rows, summary)
     print(markdown, flush=True)
-    _write(out_dir / "eval.md", markdown)
-    _write(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "eval.md", markdown)
+    write_atomic(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     log(f"written {out_dir / 'eval.md'} and {out_dir / 'eval.json'}")
     return 0
 
@@ -159,11 +158,3 @@ def to_markdown(rows: list[dict], summary: dict) -> str:
 def _out_dir(args: EvalArguments) -> Path:
     ckpt = Path(args.adapters[0])
     return writable_dir(Path(args.output_dir) if args.output_dir else ckpt.parent / f"{ckpt.name}-eval")
-
-
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

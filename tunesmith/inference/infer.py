@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..args import InferArguments, load_args_json
 from ..train.checkpoint import check_adapter_dir, check_adapter_fits

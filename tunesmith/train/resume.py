@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .checkpoint import checkpoint_problem, checkpoints, new_run_dir
 from ..errors import UserError
+from ..files import write_atomic
 from ..console import log
 
 # Flags that may change on resume: where things are written, how often, and how memory is used.
@@ -160,9 +161,7 @@ def continue_in(ckpt: Path, output_dir: str, step: int) -> Path:
     kept.append(json.dumps({"resumed_from": str(ckpt), "global_step": step}))
     if not same and (old_run / "runs").is_dir():  # the curves go on in the new folder (run_log drops later points)
         shutil.copytree(old_run / "runs", run_dir / "runs", dirs_exist_ok=True)
-    tmp = run_dir / "logging.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(run_dir / "logging.jsonl")
+    write_atomic(run_dir / "logging.jsonl", "".join(line + "\n" for line in kept))
     later = [p.name for p in checkpoints(run_dir) if int(p.name.split("-")[1]) > step]
     if later:
         log(f"note: {', '.join(later)} in {run_dir} come from after {ckpt.name} and will be replaced as the run reaches them")

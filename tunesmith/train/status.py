@@ -14,6 +14,7 @@ import json
 import time
 
 from .. import settings
+from ..files import write_atomic
 from ..console import first_process
 
 MIN_INTERVAL = 0.5  # seconds between per-step writes
@@ -31,10 +32,8 @@ def update(every_step: bool = False, **fields) -> None:
     if every_step and now - _written < MIN_INTERVAL:
         return
     _written = now
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(_state, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)  # a reader never sees half a file
+        write_atomic(path, json.dumps(_state, ensure_ascii=False))  # a reader never sees half a file
     except OSError:  # a watcher's file must never stop the run
         pass
 

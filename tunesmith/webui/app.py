@@ -44,6 +44,7 @@ from ..train import status as run_status
 from ..train.checkpoint import checkpoints, writable_dir
 from ..data.sources import BUILTIN, check_local
 from ..errors import UserError
+from ..files import write_atomic
 from ..model.resolve import DEFAULT_MODEL, DEFAULT_MODELS
 from ..console import log
 from ..inference.deploy import ApiError, ChatRequest
@@ -176,9 +177,7 @@ class Runs:
         never reads half a file (and so no run)."""
         with self.save_lock:
             state = {**(state or self._load() or {}), **changes}
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, ensure_ascii=False, indent=2), encoding="utf-8")
-            tmp.replace(self.state_file)
+            write_atomic(self.state_file, json.dumps(state, ensure_ascii=False, indent=2))
 
     def _load(self) -> dict | None:
         try:
