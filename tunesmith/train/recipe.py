@@ -1,6 +1,10 @@
 """`tunesmith sft`: the LoRA training recipe, top to bottom.
 
-    run()      check the inputs, build the pieces (data, model, adapter, optimizer), then loop.fit()
+    run()             the whole recipe on one screen:
+    read_inputs()     model files, tokenizer, tokenized data (before any weights load)
+    plan_run()        step counts, the checkpoint to resume from, the memory check
+    build()           model, fast path and LoRA (prepare_model, add_lora), CUDA graphs, optimizer (build_optimizer)
+    open_run_folder() the run folder and its args.json; then loop.fit(), then finish()
 
 Resuming (resume.py) restores the pieces before fit(); fit() then starts after the checkpoint's step.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from . import distributed, planner, resume, status
 from ..engine import activation_memory, attention, checkpointing, cuda_graphs, decoder_layer, lora_linear, patches
@@ -33,14 +38,64 @@ MIN_USEFUL_STEPS = 30  # below this an identity/style fine-tune at lr 1e-4 rarel
 
 def run(args: SftArguments, method=None) -> int:
     """`method` (rlhf.py: preference tuning) brings its own data, adapter and loss; None is sft."""
-    t_start = time.time()
-    marks = {"launch": process_start(), "start": t_start}
+    marks = {"launch": process_start(), "start": time.time()}
     status.update(phase="starting")
     par = distributed.setup(args)  # one process, or one of several under torchrun
     if args.dry_run:
         return planner.dry_run(args, par.world)
-    # 1. Model files and tokenizer (fast), then the data, read and tokenized once and cached on disk:
-    #    data problems surface before the weights load. Missing files are caught first of all.
+    inputs = read_inputs(args, method, par, marks)  # 1. files, tokenizer and data: problems show before any weights load
+    plan = plan_run(args, inputs, method, par)  # steps, resume, memory: a run that cannot fit stops here
+    parts = build(args, method, inputs, plan, par, marks)  # 2. model with LoRA, optimizer, schedule
+    run_dir = open_run_folder(args, plan, par)
+    status.update(phase="training", run_dir=str(run_dir), step=plan.state["global_step"], max_steps=plan.max_steps)
+    marks["ready"] = time.time()
+    try:  # 3. the loop
+        last = fit(parts.model, inputs.tok, inputs.template, inputs.train_set, inputs.val_set, parts.optimizer,
+                   parts.scheduler, args, plan.steps, run_dir, plan.device, inputs.resolved.name, marks, plan.state,
+                   par=par, forward=parts.forward, graphed=parts.graphed, objective=parts.objective)
+    except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
+        raise resume.write_failed(e, run_dir) from None
+    return finish(last, plan, parts, marks, par)
+
+
+@dataclass
+class Inputs:
+    """What is read before any weights load."""
+
+    resolved: object  # model.resolve's answer: the exact base model and its local path
+    tok: object
+    template: ChatTemplate
+    train_set: list
+    val_set: list
+
+
+@dataclass
+class Plan:
+    """How the run goes: its step counts (run_plan), where it resumes from, its device and largest forward pass."""
+
+    steps: dict
+    state: dict  # global_step, log_history, data_fingerprint (and the checkpoint when resuming)
+    checkpoint: Path | None
+    device: str
+    longest_row: int
+
+    @property
+    def max_steps(self) -> int:
+        return self.steps["max_steps"]
+
+
+@dataclass
+class Parts:
+    model: object
+    objective: object  # rlhf's loss, or None for sft's
+    forward: object  # what fit() calls for a micro-batch's loss (DDP / FSDP2 wrapped under torchrun)
+    graphed: object  # cuda_graphs.GraphedRows, or None
+    optimizer: object
+    scheduler: object
+
+
+def read_inputs(args: SftArguments, method, par, marks: dict) -> Inputs:
+    """The model's files (fast), then the data, read and tokenized once and cached on disk. Missing files first of all."""
     check_local(args.dataset + args.val_dataset)
     marks["data"] = time.time()
     resolved = resolve_model(args.model)
@@ -52,10 +107,16 @@ def run(args: SftArguments, method=None) -> int:
     template = ChatTemplate(tok, args.system)
     with par.main_first():  # rank 0 tokenizes and caches, the others read its cache
         data = method.prepare(args, tok) if method else prepare(args, tok, resolved.path)
+    _report_data(args, data)
+    marks["tokenized"] = time.time()
+    return Inputs(resolved, tok, template, data.train, data.val)
+
+
+def _report_data(args: SftArguments, data) -> None:
     for line in data.report:
         log(line)
-    train_set, val_set, stats = data.train, data.val, data.stats
-    if args.eval_steps is not None and not len(val_set):
+    stats = data.stats
+    if args.eval_steps is not None and not len(data.val):
         log("warning: --eval_steps is set but there is no validation data, so nothing will be evaluated; "
             "add --split_dataset_ratio 0.1 or --val_dataset FILE")
     if stats["too_long"]:
@@ -64,66 +125,77 @@ def run(args: SftArguments, method=None) -> int:
             "(--truncation_strategy delete|right|left)")
     if stats["no_loss"]:
         log(f"{stats['no_loss']} samples have no answer tokens left to train on and were skipped")
-    if not train_set:
+    if not data.train:
         raise UserError("no training samples left after tokenization (see the lines above)")
-    marks["tokenized"] = time.time()
-    plan = run_plan(args, len(train_set), par.world)
-    for line in plan["messages"]:
-        log(line)
-    fingerprint = resume.data_fingerprint(train_set)
-    ckpt = resume.find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
-    state = resume.check_same_run(ckpt, args, fingerprint, par.world) if ckpt else None
-    length = method.length if method else (lambda s: len(s.input_ids))
-    longest_row = _longest_row(train_set, args, plan["accumulation"], length)
-    device = par.device(args.device)
-    planner.check_fits(args, resolved.path, longest_row, device, par.world)  # before any weights load
 
-    # 2. Model with LoRA, optimizer, schedule, run folder.
-    torch = _seed_everything(args.seed)
-    dtype = pick_dtype(args.torch_dtype, device)
-    if par.fsdp and args.gradient_checkpointing is None:  # memory is planned per shard: recompute everything
-        args.gradient_checkpointing = 1.0
-    model = load_model(resolved.path, dtype, "cpu" if par.fsdp else device, args.quant_bits)  # FSDP: shards move
-    marks["loaded"] = time.time()
-    model = prepare_model(model, args, device, longest_row=longest_row, adapter=method.adapter if method else add_lora)
-    objective = method.objective(model, args) if method else None
-    forward = objective or par.wrap(model, loss_of, device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
-    graphed = None
-    if args.cuda_graphs and not par.active and not method and cuda_graphs.usable(model, device):
-        graphed = cuda_graphs.GraphedRows(model, forward)
-    optimizer, scheduler = build_optimizer(model, args, plan["max_steps"])
-    run_dir = None
+
+def plan_run(args: SftArguments, inputs: Inputs, method, par) -> Plan:
+    """Step counts, the checkpoint to resume from (checked to be this run's), and the memory check."""
+    steps = run_plan(args, len(inputs.train_set), par.world)
+    for line in steps["messages"]:
+        log(line)
+    fingerprint = resume.data_fingerprint(inputs.train_set)
+    ckpt = resume.find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if ckpt:
-        resume.restore(ckpt, model, optimizer, scheduler)
+        state = resume.check_same_run(ckpt, args, fingerprint, par.world)
         state.update(checkpoint=ckpt, data_fingerprint=fingerprint)
-        if par.main:
-            run_dir = resume.continue_in(ckpt, args.output_dir, state["global_step"])
-            if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
-                save_args(args, run_dir / "args.json")
-            log(f"resuming from {ckpt} at step {state['global_step']} of {plan['max_steps']}; run folder: {run_dir}")
     else:
         state = {"global_step": 0, "log_history": [], "data_fingerprint": fingerprint}
-        if par.main:
-            run_dir = new_run_dir(args.output_dir)
-            save_args(args, run_dir / "args.json")
-            log(f"run folder: {run_dir}")
-    run_dir = Path(par.broadcast(str(run_dir) if par.main else None))  # rank 0 alone writes it
-    status.update(phase="training", run_dir=str(run_dir), step=state["global_step"], max_steps=plan["max_steps"])
-    marks["ready"] = time.time()
+    length = method.length if method else (lambda s: len(s.input_ids))
+    longest_row = _longest_row(inputs.train_set, args, steps["accumulation"], length)
+    device = par.device(args.device)
+    planner.check_fits(args, inputs.resolved.path, longest_row, device, par.world)  # before any weights load
+    return Plan(steps, state, ckpt, device, longest_row)
 
-    try:
-        last = fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device,
-                   resolved.name, marks, state, par=par, forward=forward, graphed=graphed, objective=objective)
-    except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
-        raise resume.write_failed(e, run_dir) from None
+
+def build(args: SftArguments, method, inputs: Inputs, plan: Plan, par, marks: dict) -> Parts:
+    """The model with its fast path and LoRA (or rlhf's adapters), its loss, CUDA graphs, optimizer and schedule;
+    a resumed run gets their state back from the checkpoint."""
+    _seed_everything(args.seed)
+    dtype = pick_dtype(args.torch_dtype, plan.device)
+    if par.fsdp and args.gradient_checkpointing is None:  # memory is planned per shard: recompute everything
+        args.gradient_checkpointing = 1.0
+    model = load_model(inputs.resolved.path, dtype, "cpu" if par.fsdp else plan.device, args.quant_bits)  # FSDP: shards move
+    marks["loaded"] = time.time()
+    model = prepare_model(model, args, plan.device, longest_row=plan.longest_row,
+                          adapter=method.adapter if method else add_lora)
+    objective = method.objective(model, args) if method else None
+    forward = objective or par.wrap(model, loss_of, plan.device)  # DDP / FSDP2 under torchrun; plain loss_of otherwise
+    graphed = None
+    if args.cuda_graphs and not par.active and not method and cuda_graphs.usable(model, plan.device):
+        graphed = cuda_graphs.GraphedRows(model, forward)
+    optimizer, scheduler = build_optimizer(model, args, plan.max_steps)
+    if plan.checkpoint:
+        resume.restore(plan.checkpoint, model, optimizer, scheduler)
+    return Parts(model, objective, forward, graphed, optimizer, scheduler)
+
+
+def open_run_folder(args: SftArguments, plan: Plan, par) -> Path:
+    """A new run folder with args.json, or the resumed run's (a new one when --output_dir moved); rank 0 writes it."""
+    run_dir = None
+    if par.main and plan.checkpoint:
+        step = plan.state["global_step"]
+        run_dir = resume.continue_in(plan.checkpoint, args.output_dir, step)
+        if not (run_dir / "args.json").exists():  # a new run folder under another --output_dir
+            save_args(args, run_dir / "args.json")
+        log(f"resuming from {plan.checkpoint} at step {step} of {plan.max_steps}; run folder: {run_dir}")
+    elif par.main:
+        run_dir = new_run_dir(args.output_dir)
+        save_args(args, run_dir / "args.json")
+        log(f"run folder: {run_dir}")
+    return Path(par.broadcast(str(run_dir) if par.main else None))
+
+
+def finish(last: dict, plan: Plan, parts: Parts, marks: dict, par) -> int:
+    """The closing lines: how to continue a stopped run, or where the finished adapter is."""
     if last.get("stopped_by"):
-        log(f"stopped after step {last['step']} of {plan['max_steps']}; checkpoint: {last['checkpoint']}")
+        log(f"stopped after step {last['step']} of {plan.max_steps}; checkpoint: {last['checkpoint']}")
         log(f"continue with: {resume.resume_command(last['checkpoint'])}")
         status.update(phase="stopped", checkpoint=str(last["checkpoint"]))
         return last["stopped_by"]
-    if graphed and graphed.graphs:
-        log(graphed.report())
-    log(f"done in {time.time() - t_start:.0f} s (training {last['train_runtime']:.0f} s)")
+    if parts.graphed and parts.graphed.graphs:
+        log(parts.graphed.report())
+    log(f"done in {time.time() - marks['start']:.0f} s (training {last['train_runtime']:.0f} s)")
     status.update(phase="finished", checkpoint=str(last["checkpoint"]))
     if par.main:
         print(f"last_model_checkpoint: {last['checkpoint']}", flush=True)
@@ -288,4 +360,3 @@ def _seed_everything(seed: int):
         np.random.seed(seed)
     except ImportError:
         pass
-    return torch
