@@ -227,3 +227,27 @@ def test_new_family_in_llama_cpp_gives_transformers_greedy_tokens(kind, tmp_path
         print(f"{kind} q8_0: top token {q8_tokens[0]} vs {expected[0]}, max gap "
               f"{np.abs(q8_logits - logits).max() / np.abs(logits).max():.2e}")
         assert np.isfinite(q8_logits).all() and q8_tokens[0] == expected[0]
+
+
+REFUSED = {  # what llama.cpp computes one fixed way, in a config that differs: one line, before any weight is read
+    "qwen3_moe": (dict(num_experts=4, norm_topk_prob=False), "norm_topk_prob false"),
+    "gemma2": (dict(tie_word_embeddings=False), "an output matrix apart from its embedding"),
+    "gemma3_text": (dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]),
+                    "layer_types other than llama.cpp's gemma3 pattern"),
+    "phi3": (dict(pad_token_id=0), "no <|endoftext|> token"),
+    "gemma3": ({}, "export its text model, model_type gemma3_text"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+def test_export_refuses_in_one_line_what_llama_cpp_would_compute_otherwise(kind, tmp_path):
+    from transformers import AutoConfig
+
+    overrides, message = REFUSED[kind]
+    folder = tmp_path / kind
+    AutoConfig.for_model(kind, **overrides).save_pretrained(folder)  # the config alone: no weights are read
+    spm_tokenizer(folder, "gemma")  # Phi-3's without its <|endoftext|>
+    proc = tunesmith("export", "--model", folder, "--to_gguf", "true", "--output_dir", tmp_path / "gguf", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "gguf").exists()

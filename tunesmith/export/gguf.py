@@ -65,7 +65,10 @@ def check_config(model_dir: Path) -> Source:
     _check_family(model_dir, cfg, arch)
     src = Source(cfg, None)
     if (model_dir / "tokenizer.json").is_file():  # an unknown tokenizer, too, is said before any merge
-        src.tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        try:
+            src.tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"--to_gguf: {model_dir}/tokenizer.json is not valid JSON ({e})") from None
         src.vocab_model, src.pre = tokenizer_kind(model_dir, src.tokenizer)
         if arch == "phi3" and not _has_token(src.tokenizer, "<|endoftext|>"):  # Phi-3's and Phi-4's have it
             raise UserError(f"--to_gguf: the tokenizer of {model_dir} has no <|endoftext|> token, which llama.cpp "
