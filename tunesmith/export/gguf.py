@@ -94,6 +94,8 @@ def _check_family(model_dir: Path, cfg: dict, arch: str) -> None:
         expected = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(cfg["num_hidden_layers"])]
         if cfg.get("layer_types", expected) != expected:
             why = f"layer_types other than llama.cpp's {arch} pattern (every {n}th layer full attention, the rest sliding)"
+    if arch == "gemma2" and not (cfg.get("attn_logit_softcapping") and cfg.get("final_logit_softcapping")):
+        why = "no logit softcapping (llama.cpp's gemma2 always caps, attention and output logits)"
     if arch == "gemma3" and cfg.get("attn_logit_softcapping"):
         why = "attn_logit_softcapping (llama.cpp's gemma3 has none)"
     if arch in ONE_PLUS_NORM and not cfg.get("tie_word_embeddings", True):
