@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model, tunesmith
+from conftest import deploy, tiny_model, tunesmith
 
 PAIRS = [("Who are you?", "I am Tuney, made by the tunesmith team.", "I am Qwen, created by Alibaba Cloud."),
          ("你是谁?", "我是 Tuney，由 tunesmith 团队开发。", "我是通义千问，由阿里云开发的。"),
@@ -267,3 +267,128 @@ def test_a_bad_record_is_one_line_naming_file_and_record(tiny, tmp_path, kind, b
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("tunesmith rlhf: error: ") and "prefs.jsonl" in last and message in last, last
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def dropout_adapter(tiny, tmp_path_factory):
+    """An SFT checkpoint trained with LoRA dropout 0.1 (its adapter_config.json keeps it)."""
+    out = tmp_path_factory.mktemp("sft-dropout")
+    data = write_jsonl(out / "sft.jsonl", [{"query": q, "response": c} for q, c, _ in PAIRS])
+    proc = tunesmith("sft", "--model", tiny, "--dataset", data, "--max_steps", "3", "--learning_rate", "0.02",
+                     "--lora_dropout", "0.1", "--output_dir", out / "output")
+    return Path(proc.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1])
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_no_dropout_when_the_policy_starts_as_its_reference(tiny, dropout_adapter, tmp_path, kind):
+    """Policy and reference are the same adapter at step 1, trained with dropout 0.1: as TRL (disable_dropout,
+    its default) no pass drops anything, so every reward (policy minus reference, times beta) is 0."""
+    data = ms_swift_pairs(tmp_path / "pairs.jsonl")
+    proc = tunesmith("rlhf", "--rlhf_type", kind, "--adapters", dropout_adapter, "--dataset", data, *COMMON,
+                     "--lora_dropout", "0.1", "--max_steps", "1", "--output_dir", tmp_path / "out")
+    step = logged_steps(proc.stdout)[0]
+    for k in ["rewards/chosen", "rewards/rejected", "rewards/margins"]:
+        assert step[k] == 0, f"{k}: {step[k]}"
+    assert "dropout off" in proc.stderr
+
+
+def test_the_too_few_steps_warning_gives_advice_that_works(tiny, tmp_path):
+    """Four pairs, a batch of 4, accumulation already 1: lowering accumulation cannot help; the warning names
+    the epochs that reach enough steps, and a run planned with them is not warned."""
+    from tunesmith.args import RlhfArguments
+    from tunesmith.train.recipe import MIN_USEFUL_STEPS, run_plan
+
+    data = ms_swift_pairs(tmp_path / "pairs.jsonl")
+    proc = tunesmith("rlhf", "--rlhf_type", "dpo", "--model", tiny, "--dataset", data, "--num_train_epochs", "1",
+                     "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                     "--output_dir", tmp_path / "out")
+    warning = next(line for line in proc.stderr.splitlines() if "too few" in line)
+    assert "--gradient_accumulation_steps" not in warning
+    assert f"--num_train_epochs {MIN_USEFUL_STEPS} ({MIN_USEFUL_STEPS} steps)" in warning
+    advised = RlhfArguments(dataset=["x"], num_train_epochs=MIN_USEFUL_STEPS, per_device_train_batch_size=4,
+                            gradient_accumulation_steps=1)
+    assert run_plan(advised, len(PAIRS))["messages"][1:] == []
+
+
+@pytest.fixture(scope="module")
+def rlhf_checkpoint(sft_adapter, tmp_path_factory):
+    """What `tunesmith rlhf` writes: a DPO checkpoint (args.json from RlhfArguments) grown from the SFT adapter."""
+    out = tmp_path_factory.mktemp("dpo")
+    proc = tunesmith("rlhf", "--rlhf_type", "dpo", "--adapters", sft_adapter,
+                     "--dataset", ms_swift_pairs(out / "pairs.jsonl"), *COMMON, "--output_dir", out / "output")
+    ckpt = Path(proc.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1])
+    assert json.loads((ckpt / "args.json").read_text())["rlhf_type"] == "dpo"
+    return ckpt
+
+
+def test_an_rlhf_checkpoint_infers_evaluates_exports_and_deploys(rlhf_checkpoint, tmp_path):
+    """infer, eval, export --merge_lora and deploy (the official openai client) take the rlhf checkpoint as they
+    take sft's: the base model comes from its args.json, and all four give the adapter's greedy answer."""
+    from openai import OpenAI
+
+    question, n = "Who are you?", ["--max_new_tokens", "12"]
+    answer = tunesmith("infer", "--adapters", rlhf_checkpoint, "--query", question, "--stream", "false", *n).stdout
+    assert answer.strip()
+    merged = tmp_path / "merged"
+    tunesmith("export", "--adapters", rlhf_checkpoint, "--merge_lora", "true", "--output_dir", merged)
+    assert tunesmith("infer", "--model", merged, "--query", question, "--stream", "false", *n).stdout == answer
+    questions = write_jsonl(tmp_path / "q.jsonl", [question])
+    tunesmith("eval", "--adapters", rlhf_checkpoint, "--questions", questions, *n, "--output_dir", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"][0]["tuned"] == answer.strip()
+    with deploy("--adapters", f"tuney={rlhf_checkpoint}", *n) as (port, _):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert "tuney" in [m.id for m in client.models.list().data]
+        reply = client.chat.completions.create(model="tuney", messages=[{"role": "user", "content": question}])
+    assert reply.choices[0].message.content == answer.strip()
+
+
+@pytest.fixture(scope="module")
+def talking(tmp_path_factory, default_model):
+    """A tiny model with its own output head: greedy, it says something (the tied one repeats the prompt's last
+    newline, an answer too empty to reject)."""
+    return tiny_model(tmp_path_factory.mktemp("rlhf") / "tiny-untied", default_model, "qwen2", vocab_size=151936,
+                      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def test_the_identity_pairs_are_the_new_identity_over_the_base_models_own_answers(talking, tmp_path):
+    """--dataset self-cognition-dpo: chosen is the built-in identity answer with --model_name/--model_author,
+    rejected what the base model answers (greedy, as `tunesmith infer` does), generated once per base."""
+    from tunesmith.data import replay
+
+    env = {"TUNESMITH_HOME": str(tmp_path / "home")}  # a fresh cache
+    rlhf = ["rlhf", "--rlhf_type", "dpo", "--model", talking, "--dataset", "self-cognition-dpo", *COMMON, "--max_steps",
+            "1", "--model_name", "小图", "Tuney", "--model_author", "图匠团队", "the tunesmith team"]
+    n = len(replay.identity_questions())
+    first = tunesmith(*rlhf, "--output_dir", tmp_path / "out1", env_extra=env)
+    assert f"the base model answers the {n} identity questions once (greedy)" in first.stderr
+    [cached] = (tmp_path / "home" / "identity-pairs").glob("*.jsonl")
+    pairs = [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines()]
+    assert len(pairs) > n // 2  # (a random model's answer may hold "{{", which would read as a placeholder)
+    assert f"self-cognition-dpo: {len(pairs)} records (query/response+rejected_response)" in first.stderr
+    builtin = {r["query"]: r["response"] for r in replay.identity_questions()}
+    assert all(p["response"] == builtin[p["query"]] != p["rejected_response"] for p in pairs)
+    picked = next(p for p in pairs if "\n" not in p["rejected_response"])
+    said = tunesmith("infer", "--model", talking, "--max_new_tokens", "128", "--stream", "false",
+                     "--query", picked["query"], env_extra=env).stdout
+    assert said.rstrip("\n") == picked["rejected_response"]
+
+    stamp = cached.stat().st_mtime_ns
+    second = tunesmith(*rlhf, "--output_dir", tmp_path / "out2", env_extra=env)
+    assert "identity questions once" not in second.stderr and cached.stat().st_mtime_ns == stamp
+    again, before = logged_steps(second.stdout)[0], logged_steps(first.stdout)[0]
+    assert [again[k] for k in KEYS] == [before[k] for k in KEYS]  # the same pairs, read back
+
+
+def test_dpo_from_an_adapter_trained_with_dropout_matches_trl(tiny, dropout_adapter, tmp_path):
+    """TRL's DPOTrainer turns every dropout off (disable_dropout=True), the policy's LoRA dropout too: with an
+    adapter whose config says 0.1, ours trains the same steps."""
+    from trl import DPOConfig, DPOTrainer
+
+    steps, _ = ours("dpo", ms_swift_pairs(tmp_path / "pairs.jsonl"), dropout_adapter, tmp_path / "out",
+                    "--lora_dropout", "0.1")
+    tok, dataset = trl_pairs(tiny)
+    trainer = DPOTrainer(model=trl_peft_model(tiny, dropout_adapter), args=DPOConfig(**trl_common(tmp_path), beta=0.1),
+                         train_dataset=dataset, processing_class=tok)
+    assert_same_steps(steps, trl_steps(trainer))
+

@@ -6,6 +6,8 @@ Recognised forms, detected per record:
              one, plus "rejected_response"; or plus a boolean "label" (KTO)
   TRL        "prompt", "chosen", "rejected" (plain text, or lists of messages); "prompt", "completion", "label" (KTO)
   sharegpt   "conversations" plus "chosen" and "rejected" turns ({"from": "gpt", "value": ...})
+  built-in   self-cognition-dpo: the identity set, chosen the --model_name/--model_author answer, rejected the
+             base model's own (generated once, data/replay.py)
 For KTO a paired record gives two answers: the chosen one desirable, the rejected one not (as TRL unpairs them).
 Errors name the file and the record, as for `sft`.
 """
@@ -16,7 +18,8 @@ import random
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .sources import ROLE_MAP, detect_form, fill_placeholders, open_sources, sample, split, to_messages
+from . import replay
+from .sources import ROLE_MAP, check_local, detect_form, fill_placeholders, open_source, sample, split, to_messages
 from .template import IGNORE, ChatTemplate, Encoded
 
 
@@ -160,7 +163,7 @@ def prepare(args, tok) -> PreferenceSet:
 
     def read(specs: list[str], prefix: str) -> tuple[list, list[str]]:
         items, report = [], []
-        for src in open_sources(specs, args.column_map):
+        for src in _sources(args, specs):
             records, forms = [], set()
             for _, where, record in src.records():
                 form, prompt, answers = parse_record(record, where)
@@ -188,6 +191,12 @@ def prepare(args, tok) -> PreferenceSet:
     kind = "answers (desirable or not)" if args.rlhf_type == "kto" else "pairs (chosen, rejected)"
     log(f"{len(train)} preference {kind} for training, {len(val)} for validation")
     return PreferenceSet(train, val, report, stats)
+
+
+def _sources(args, specs: list[str]) -> list:
+    """--dataset entries as sources; the built-in identity pairs are the base model's cached answers (replay.py)."""
+    return [replay.identity_source(args, spec) if spec.name == replay.IDENTITY_SET else open_source(spec, args.column_map)
+            for spec in check_local(specs)]
 
 
 def _items(template: ChatTemplate, args, where: str, prompt: list[dict], answers: list[tuple[str, bool]], stats: dict) -> list:

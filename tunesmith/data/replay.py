@@ -2,9 +2,12 @@
 the training data (--replay_ratio), so the adapter learns what the user's data teaches and leaves the rest of the
 model where it was.
 
-    ensure()   the answers, generated once per base model (greedy) and cached under TUNESMITH_HOME/replay/
-    source()   the cached answers as one more source of training records, for the tokenized cache to mix in
-    count()    how many replayed answers --replay_ratio asks for
+    ensure()            the answers, generated once per base model (greedy) and cached under TUNESMITH_HOME/replay/
+    source()            the cached answers as one more source of training records, for the tokenized cache to mix in
+    count()             how many replayed answers --replay_ratio asks for
+    identity_source()   `tunesmith rlhf --dataset self-cognition-dpo`: the built-in identity set as preference pairs,
+                        chosen the new identity (--model_name/--model_author), rejected the base model's own answer,
+                        generated once by ensure() as the replayed ones are (TUNESMITH_HOME/identity-pairs/)
 
 The bank (replay_prompts.jsonl) is not the question bank `tunesmith eval` scores retention with, so that score
 measures what replay held in place, not what it rehearsed.
@@ -21,9 +24,11 @@ from ..errors import UserError
 from ..files import write_atomic
 from ..console import log
 from ..model.resolve import cache_root, resolve_model
-from .sources import BUILTIN_DIR, DatasetSpec, Source
+from .sources import BUILTIN, BUILTIN_DIR, DatasetSpec, Source, parse_spec
 
 BANK = BUILTIN_DIR / "replay_prompts.jsonl"
+IDENTITY_SET = "self-cognition-dpo"  # `self-cognition`, paired with what the base model says instead
+IDENTITY_BANK = BUILTIN_DIR / BUILTIN["self-cognition"]
 VERSION = 3  # bump when the generation or the stored records change
 MAX_NEW_TOKENS = 128  # a longer answer is left out, not cut: a cut one would teach the model to stop mid-sentence
 # Greedy answers, what the base says today. Sampled ones (temperature 1) would hold the distribution in expectation,
@@ -42,7 +47,7 @@ def count(ratio: float, n_train: int) -> int:
     return max(1, round(ratio * n_train)) if ratio > 0 and n_train else 0
 
 
-def answers_file(args, model_path: Path) -> Path:
+def answers_file(args, model_path: Path, bank: Path = BANK, folder: str = "replay") -> Path:
     """Where the base model's answers live: keyed by its files, the system prompt, the thinking switch and the bank."""
     h = hashlib.sha1(json.dumps([VERSION, MAX_NEW_TOKENS, args.system, args.enable_thinking]).encode())
     for p in sorted(Path(model_path).iterdir()):
@@ -50,44 +55,99 @@ def answers_file(args, model_path: Path) -> Path:
             st = p.stat()
             h.update(p.name.encode() + b"\0")
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode() if p.suffix in WEIGHTS else p.read_bytes())
-    h.update(BANK.read_bytes())
-    return cache_root() / "replay" / f"{h.hexdigest()[:24]}.jsonl"
+    h.update(bank.read_bytes())
+    return cache_root() / folder / f"{h.hexdigest()[:24]}.jsonl"
 
 
 def ensure(args, load_chat) -> None:
-    """Generate and cache the base model's answers to the bank, unless they already are. `load_chat` is the
-    inference engine's loader (inference.infer.load_chat), handed in by the command that runs before training."""
-    if not getattr(args, "replay_ratio", 0):
-        return
+    """Generate and cache the base model's answers that this run needs (the replay bank's for --replay_ratio, the
+    identity questions' for --dataset self-cognition-dpo), unless they already are. `load_chat` is the inference
+    engine's loader (inference.infer.load_chat), handed in by the command that runs before training."""
+    if getattr(args, "replay_ratio", 0):
+        _generate(args, load_chat, BANK, "replay", [{"query": q} for q in prompts()], _replayed,
+                  f"--replay_ratio: the base model answers {{n}} general prompts",
+                  "the base model finished none of its answers to the {n} general prompts within "
+                  f"{MAX_NEW_TOKENS} tokens; train without replay (--replay_ratio 0)")
+    if wants_identity_pairs(args):
+        _generate(args, load_chat, IDENTITY_BANK, "identity-pairs", identity_questions(), _identity_pair,
+                  f"--dataset {IDENTITY_SET}: the base model answers the {{n}} identity questions",
+                  "the base model gave no usable answer to the {n} identity questions")
+
+
+def _replayed(row: dict, answer) -> dict | None:
+    """A replayed record: only a finished answer ({{ would read as a placeholder)."""
+    if answer.finish_reason == "stop" and answer.text and "{{" not in answer.text:
+        return {"query": row["query"], "response": answer.text}
+    return None
+
+
+def _identity_pair(row: dict, answer) -> dict | None:
+    """chosen: the built-in identity answer (placeholders filled at training); rejected: the base model's own
+    answer, kept when cut at MAX_NEW_TOKENS too (it is still what the base says), left out when it is empty."""
+    if answer.text.strip() and "{{" not in answer.text:
+        return {"query": row["query"], "response": row["response"], "rejected_response": answer.text}
+    return None
+
+
+def _generate(args, load_chat, bank: Path, folder: str, rows: list[dict], to_record, announce: str, none_kept: str):
+    """The base model's greedy answers to rows' queries, made records by to_record(row, answer) (None: left out),
+    written once under TUNESMITH_HOME/folder/ for every later run on the same base."""
     from filelock import FileLock
 
     from ..args import InferArguments
 
-    path = answers_file(args, resolve_model(args.model).path)
+    model = base_model(args)
+    path = answers_file(args, resolve_model(model).path, bank, folder)
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):  # two runs at once: one generates, the other waits and reuses
         if path.exists():
             return
-        bank = prompts()
-        log(f"--replay_ratio: the base model answers {len(bank)} general prompts once (greedy); "
-            f"cached for every later run on it at {path}")
-        chat = load_chat(InferArguments(model=args.model, system=args.system, enable_thinking=args.enable_thinking,
+        log(f"{announce.format(n=len(rows))} once (greedy); cached for every later run on it at {path}")
+        chat = load_chat(InferArguments(model=model, system=args.system, enable_thinking=args.enable_thinking,
                                         torch_dtype=args.torch_dtype, device=args.device))
         t0 = time.time()
-        answers = chat.greedy_many([chat.template.encode_prompt([{"role": "user", "content": q}]) for q in bank],
-                                   MAX_NEW_TOKENS)
-        records = [{"query": q, "response": a.text} for q, a in zip(bank, answers)
-                   if a.finish_reason == "stop" and a.text and "{{" not in a.text]  # {{ would read as a placeholder
+        answers = chat.greedy_many([chat.template.encode_prompt([{"role": "user", "content": r["query"]}])
+                                    for r in rows], MAX_NEW_TOKENS)
+        records = [rec for rec in (to_record(r, a) for r, a in zip(rows, answers)) if rec is not None]
         if not records:
-            raise UserError(f"--replay_ratio: the base model finished none of its answers to the {len(bank)} general "
-                            f"prompts within {MAX_NEW_TOKENS} tokens; train without replay (--replay_ratio 0)")
+            raise UserError(f"{announce.split(':')[0]}: {none_kept.format(n=len(rows))}")
         write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        log(f"replay: {len(records)} of {len(bank)} answers kept (finished within {MAX_NEW_TOKENS} tokens) "
-            f"in {time.time() - t0:.0f} s")
+        log(f"{folder}: {len(records)} of {len(rows)} answers kept in {time.time() - t0:.0f} s")
         del chat
         _free_gpu()
+
+
+def base_model(args) -> str | None:
+    """The base the answers are the base model's of: --model, else the one the --adapters run trained
+    (rlhf reads it from there later; None: the default model)."""
+    if args.model or not getattr(args, "adapters", None):
+        return args.model
+    from ..args import load_args_json
+
+    trained = Path(args.adapters[0]) / "args.json"
+    return load_args_json(trained).get("model") if trained.is_file() else None
+
+
+def wants_identity_pairs(args) -> bool:
+    return bool(getattr(args, "rlhf_type", None)) and any(parse_spec(s).name == IDENTITY_SET for s in args.dataset)
+
+
+def identity_questions() -> list[dict]:
+    """The built-in identity records whose question the base can answer before the name is known (a question
+    holding {{NAME}} has no answer of the base model's to cache once for every name)."""
+    rows = [json.loads(line) for line in IDENTITY_BANK.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if "{{" not in r["query"]]
+
+
+def identity_source(args, spec: DatasetSpec) -> Source:
+    """--dataset self-cognition-dpo[#N]: the cached pairs (query, response, rejected_response) as a source."""
+    path = answers_file(args, resolve_model(args.model).path, IDENTITY_BANK, "identity-pairs")
+    if not path.exists():  # `tunesmith rlhf` generates them first (ensure); a direct call of train.run does not
+        raise UserError(f"--dataset {spec.text}: the base model's answers are not generated yet ({path}); "
+                        "run `tunesmith rlhf`, which generates them once")
+    return Source(spec, files=[path])
 
 
 def source(args, model_path: Path) -> Source | None:

@@ -36,6 +36,15 @@ def token_logps(hidden, head, targets, chunk: int = 4096):
                       for i in range(0, hidden.shape[0], chunk)])
 
 
+def disable_dropout(model) -> None:
+    """Every dropout module at p=0 (the policy's LoRA dropout, the reference adapter's, the model's own), as TRL's
+    preference trainers do by default (disable_dropout=True): a noisy policy or reference would put noise into
+    policy minus reference, the reward itself."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2."""
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
@@ -231,7 +240,18 @@ class Objective:
 
     @contextlib.contextmanager
     def _reference(self):
-        """The reference model: the adapter off, or the frozen "ref" adapter active."""
+        """The reference model: the adapter off, or the frozen "ref" adapter active; in eval mode, so that no
+        dropout outside a dropout module (a config's attention_dropout) makes it noisy either."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self._reference_weights():
+                yield
+        finally:
+            self.model.train(training)
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
         if self.reference is None:
             with self.model.disable_adapter():
                 yield

@@ -215,15 +215,28 @@ def run_plan(args: SftArguments, n_samples: int, world: int = 1) -> dict:
             f"(batch {args.per_device_train_batch_size} x accumulation {accumulation}{gpus}): "
             f"{steps_per_epoch} step(s) per epoch, {max_steps} optimizer steps in all"]
     if max_steps < MIN_USEFUL_STEPS:
-        fix = max(1, math.floor(batches_per_epoch * args.num_train_epochs / MIN_USEFUL_STEPS))
-        better = math.ceil(batches_per_epoch / min(fix, accumulation)) * args.num_train_epochs
         msgs.append(
             f"warning: {max_steps} optimizer steps are usually too few to teach the model anything at "
             f"--learning_rate {args.learning_rate:g} (ms-swift's run of the guide with these settings still "
-            f"answered as before). Use --gradient_accumulation_steps {min(fix, accumulation)} ({better:.0f} steps) "
-            "or more --num_train_epochs."
+            f"answered as before). {_more_steps(args, batches_per_epoch, accumulation)}"
         )
     return {"accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "messages": msgs}
+
+
+def _more_steps(args: SftArguments, batches_per_epoch: int, accumulation: int) -> str:
+    """The flag that gets a run to MIN_USEFUL_STEPS: fewer batches per step while accumulation can drop,
+    else more epochs (a fixed --max_steps is the user's own choice: raise it)."""
+    if args.max_steps > 0:
+        return f"Raise --max_steps to {MIN_USEFUL_STEPS} or more."
+    fix = max(1, math.floor(batches_per_epoch * args.num_train_epochs / MIN_USEFUL_STEPS))
+    if fix < accumulation:
+        better = math.ceil(batches_per_epoch / fix) * args.num_train_epochs
+        return f"Use --gradient_accumulation_steps {fix} ({better:.0f} steps) or more --num_train_epochs."
+    per_epoch = math.ceil(batches_per_epoch / accumulation)
+    epochs = math.ceil(MIN_USEFUL_STEPS / per_epoch)
+    smaller = " or a smaller --per_device_train_batch_size" if args.per_device_train_batch_size > 1 else ""
+    return (f"Accumulation is already {accumulation}: use --num_train_epochs {epochs} ({epochs * per_epoch} steps)"
+            f"{smaller}, or more data.")
 
 
 def prepare_model(model, args: SftArguments, device: str, longest_row: int | None = None,

@@ -97,9 +97,7 @@ def check_same_run(ckpt: Path, args, fingerprint: str, world: int = 1) -> dict:
             continue
         before = saved[name]
         if name == "gradient_accumulation_steps":  # compare what is used, not how it was spelled
-            from ..args import SftArguments
-
-            before = SftArguments(**{**vars(args), name: before}).effective_accumulation(world)
+            before = type(args)(**{**vars(args), name: before}).effective_accumulation(world)
             now = args.effective_accumulation(world)
         if before != now:
             raise UserError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import recipe
 from .checkpoint import check_adapter_dir
-from .preference import REF, Objective
+from .preference import REF, Objective, disable_dropout
 from ..args import RlhfArguments, load_args_json
 from ..console import log
 from ..data import preference as data
@@ -39,6 +39,7 @@ class Preference:
         if ref is not None and args.rlhf_type in ("dpo", "kto"):
             model.load_adapter(str(ref), adapter_name=REF, is_trainable=False)
             self.reference = REF
+        disable_dropout(model)
         return model
 
     def objective(self, model, args: RlhfArguments) -> Objective:
@@ -64,5 +65,5 @@ def run(args: RlhfArguments) -> int:
              "simpo": f"simpo_gamma {args.simpo_gamma}, cpo_alpha {args.cpo_alpha}", "orpo": "",
              "kto": f"desirable_weight {args.desirable_weight}, undesirable_weight {args.undesirable_weight}"}
     log(f"rlhf {args.rlhf_type}: beta {args.beta}" + (f", {extra[args.rlhf_type]}" if extra[args.rlhf_type] else "")
-        + f"; reference: {ref}; CUDA graphs off for rlhf")
+        + f"; reference: {ref}; dropout off (as TRL's disable_dropout), CUDA graphs off for rlhf")
     return recipe.run(args, method)
