@@ -271,7 +271,7 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
     if lean:
         lora_linear.use_lean_lora(m)
     if layers:
-        assert decoder_layer.use_lean_layers(m) == len(checkpointing.decoder_layers(m))
+        assert decoder_layer.use_lean_layers(m, max_length=64) == len(checkpointing.decoder_layers(m))  # (samples: < 40)
         for layer in checkpointing.decoder_layers(m):
             layer._tunesmith_recompute = level
     checkpointing.checkpoint_layers(m, share, preserve_rng=False)
@@ -332,6 +332,10 @@ FAMILIES = {
 }
 
 
+# Which layers run lean in sft (max_length 64): Gemma 3's sliding layer (a window of 8) and Gemma 2's softcapped ones fall back
+LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [False, True]}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(family):
     """sft's model and loss (prepare_model: packed rows, per-sample attention, lean LoRA and lean layers where they
@@ -363,25 +367,80 @@ def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(fam
                                                           torch.tensor(s.labels[1:]), reduction="sum") for s in data)
         total.backward()
         results.append((total.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
-        if packed:  # the lean decoder layers take the llama-style families whose samples fit their window
+        if packed:  # the lean decoder layers take the layers whose samples fit their window, without softcapping
             lean = [hasattr(layer, "_tunesmith_plain_layer") for layer in checkpointing.decoder_layers(m)]
-            assert lean == [family in ("qwen3", "llama")] * len(lean)
+            assert lean == LEAN_LAYERS.get(family, [False, False])
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert grads_b.keys() == grads_a.keys() and grads_a
     assert_close_up_to_summation_order(grads_b, grads_a)
 
 
-def test_lean_qwen3_layers_draw_the_dropout_masks_of_transformers_layers_with_lean_projections():
-    """Qwen3 (per-head q/k RMSNorm) on the lean layers with dropout: the lean projections inside transformers' own
-    layer draw the same masks, so loss and gradients agree (a different mask would be far outside)."""
+# Families on lean layers beyond Qwen2 (issue 17), every layer lean: Qwen3's q/k norms, Phi-3's fused qkv_proj and
+# gate_up_proj with partial rotary, Gemma 2 without softcapping and Gemma 3 (q/k norms) with windows longer than any
+# sample: Gemma's four (1 + w) norms, GeGLU and query_pre_attn_scalar.
+LEAN_FAMILIES = {
+    "qwen3": {},
+    "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1, partial_rotary_factor=0.5),
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=None, final_logit_softcapping=30.0),
+    "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def tiny_family(family):
+    """A tiny random model of the family, its norm weights random too (Gemma's start at zero, the others at one)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tunesmith.model.families import attention_implementation
+
+    config = AutoConfig.for_model(family, **SHAPE, **LEAN_FAMILIES[family])
     torch.manual_seed(0)
-    qwen3 = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **SHAPE), attn_implementation="sdpa").float()
-    loss, grads = _lean_layer_run(qwen3, 0.2)
-    nodrop, _ = _lean_layer_run(qwen3, 0.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(family):
+    """Without dropout, on a packed row of five samples: the lean layers give the loss and every LoRA gradient of
+    transformers' layers with PEFT's LoRA (on Phi-3, PEFT's one adapter on each fused Linear)."""
+    model = tiny_family(family)
+    loss, grads = _lean_layer_run(model, 0.0)
+    plain_loss, plain_grads = _lean_layer_run(model, 0.0, layers=False, lean=False)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    per_layer = 4 if family == "phi3" else 7  # qkv_proj, o_proj, gate_up_proj, down_proj
+    assert len(grads) == 2 * per_layer * SHAPE["num_hidden_layers"]
+    assert_close_up_to_summation_order(grads, plain_grads)
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_lean_layers_of_each_family_draw_the_dropout_masks_of_transformers_layers_with_lean_projections(family):
+    """With dropout the lean projections inside transformers' own layer draw the same masks (on a fused Linear one
+    mask for all its row blocks, as PEFT's), so loss and gradients agree (a different mask would be far outside);
+    recomputing up, gate and up, or the whole layer changes no bit."""
+    model = tiny_family(family)
+    loss, grads = _lean_layer_run(model, 0.2)
+    nodrop, _ = _lean_layer_run(model, 0.0)
     assert loss != pytest.approx(nodrop, rel=1e-4)
-    other_loss, other = _lean_layer_run(qwen3, 0.2, layers=False)
+    other_loss, other = _lean_layer_run(model, 0.2, layers=False)
     assert other_loss == pytest.approx(loss, rel=1e-6)
     assert_close_up_to_summation_order(other, grads)
+    for kwargs in ({"level": 1}, {"level": 2}, {"share": 1.0}):
+        again_loss, again = _lean_layer_run(model, 0.2, **kwargs)
+        assert again_loss == loss, kwargs
+        assert_same_bits(again, grads)
+
+
+def test_the_start_up_line_says_which_layers_fall_back_and_why():
+    from tunesmith.engine.decoder_layer import lean_note
+
+    assert lean_note(2, [None, None]) == "lean decoder layers (2)"
+    assert lean_note(1, ["a sliding window of 8 tokens, shorter than --max_length 64", None]) == (
+        "lean decoder layers (1 of 2; transformers' for layer 0: a sliding window of 8 tokens, shorter than "
+        "--max_length 64)")
+    window = "a sliding window of 1024 tokens, shorter than --max_length 4096"
+    assert lean_note(10, ([window] * 5 + [None]) * 10) == (
+        f"lean decoder layers (10 of 60; transformers' for 50 layers: {window})")
