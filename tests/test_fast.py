@@ -444,3 +444,76 @@ def test_the_start_up_line_says_which_layers_fall_back_and_why():
     window = "a sliding window of 1024 tokens, shorter than --max_length 4096"
     assert lean_note(10, ([window] * 5 + [None]) * 10) == (
         f"lean decoder layers (10 of 60; transformers' for 50 layers: {window})")
+
+
+class _FlashLike(torch.autograd.Function):
+    """Stands in for flash attention on the CPU: keeps what FlashVarlen keeps (q, k, v and the output)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bounds, longest, scale, attend):
+        out = attend(q, k, v, bounds, longest, scale).contiguous()  # (as flash returns it)
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+
+def _kept(model, tokens: int) -> float:
+    """Bytes the lean layers keep for backward, in hidden-widths of one token and layer (parameters and their views
+    left out), for a packed row of two samples of `tokens` tokens in all."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layers = checkpointing.decoder_layers(model)
+    lean = [layer.forward for layer in layers]
+    for layer in layers:
+        def forward(*args, _forward=layer.forward, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return _forward(*args, **kwargs)
+        layer.forward = forward
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, tokens))
+    half = tokens // 2
+    positions = torch.cat([torch.arange(half), torch.arange(tokens - half)])[None]
+    try:
+        model.get_base_model().get_decoder()(input_ids=ids, position_ids=positions, use_cache=False,
+                                             cu_seq_lens_q=torch.tensor([0, half, tokens], dtype=torch.int32),
+                                             max_length_q=tokens - half)
+    finally:
+        for layer, forward in zip(layers, lean):
+            layer.forward = forward
+    return sum(kept.values()) / (len(layers) * SHAPE["hidden_size"] * 4)
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family, monkeypatch):
+    """activation_memory.family_widths (the planner's figure) against what the lean layers really keep per token,
+    flash attention's share included; beyond it only the r-wide LoRA intermediates, cos/sin and 1/rms of each row,
+    which the model leaves out (at this tiny hidden size of 64 they are a width or so; at 3584, a few hundredths)."""
+    from tunesmith.engine import activation_memory, decoder_layer, lora_linear
+
+    args = SftArguments(dataset=["x"], lora_dropout=0.1)
+    m = add_lora(tiny_family(family), args)
+    attention.use_document_attention(m.get_base_model())
+    lora_linear.use_lean_lora(m)
+    assert decoder_layer.use_lean_layers(m, max_length=64) == SHAPE["num_hidden_layers"]
+    m.train()
+    attend = attention.varlen_attention
+    monkeypatch.setattr(attention, "varlen_attention", lambda *a: _FlashLike.apply(*a, attend))
+    per_token = (_kept(m, 48) - _kept(m, 24)) / 24  # (less what does not grow with tokens)
+    cfg, hidden = m.config, SHAPE["hidden_size"]
+    rotary = int(SHAPE["head_dim"] * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+    rows = 1 + (2 if family.startswith("gemma") else 0)  # 1/rms of the norms whose input is kept
+    rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0
+    ropes = 2 if family == "gemma3_text" else 1  # cos/sin of each kind of layer (Gemma 3: local, global), shared
+    small = (7 * args.lora_rank + rows + 2 * rotary * ropes / SHAPE["num_hidden_layers"]) / hidden
+    full, mlp, _ = activation_memory.family_widths(family, hidden, cfg.intermediate_size, cfg.num_attention_heads,
+                                                   cfg.num_key_value_heads, SHAPE["head_dim"])
+    assert per_token == pytest.approx(full + small, abs=0.05), (per_token, full, small)
+    for level in (1, 2):  # recomputing up, then gate too, frees what the model says (Phi-3's row blocks too)
+        for layer in checkpointing.decoder_layers(m):
+            layer._tunesmith_recompute = level
+        assert (_kept(m, 48) - _kept(m, 24)) / 24 == pytest.approx(per_token - level * mlp, abs=0.05), level
