@@ -317,7 +317,7 @@ def test_lean_layer_recompute_and_checkpointing_draw_the_same_masks(tiny):
 
 
 # Tiny random configs of the families of issue 17: sliding windows of 8 tokens (the samples run to 40), Gemma 2's
-# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling.
+# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling, Granite's multipliers.
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 FAMILIES = {
@@ -329,11 +329,13 @@ FAMILIES = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(sliding_window=8),
+    "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
 }
 
 
 # Which layers run lean in sft (max_length 64): Gemma 3's sliding layer (a window of 8) and Gemma 2's softcapped ones fall back
-LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [False, True]}
+LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [False, True],
+               "granite": [True, True]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -384,6 +386,7 @@ LEAN_FAMILIES = {
     "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1, partial_rotary_factor=0.5),
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=None, final_logit_softcapping=30.0),
     "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
+    "granite": FAMILIES["granite"],
 }
 
 

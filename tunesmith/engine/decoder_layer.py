@@ -8,7 +8,8 @@ three autograd functions, for packed rows (train.micro_batches) in training.
 The families (ARCHITECTURES): Qwen2/2.5, Qwen3, Llama, Mistral; Phi-3/Phi-4-mini, whose qkv_proj and
 gate_up_proj are fused Linears with one PEFT adapter each (run here as row blocks of the weight and of
 lora_B that share the lora_A and its dropout mask: what separate projections cost), with partial rotary;
-Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU) and four norms a layer.
+Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU) and four norms a layer;
+Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling).
 A layer whose attention the lean path cannot compute (a sliding window shorter than the longest sample,
 Gemma 2's logit softcapping) stays on transformers' layer, layer by layer (fallback_reason), and the
 start-up line says which and why (lean_note).
@@ -43,7 +44,7 @@ from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite")
 # Families whose sliding-window or softcapped layers stay on transformers' layers, layer by layer (the planner, which
 # reads no layer, counts them all as transformers' layers: an upper bound)
 PER_LAYER = ("gemma2", "gemma3_text")
@@ -403,12 +404,13 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
     (o_out,) = Projections.apply(out.reshape(T, heads * d), None, o[0], *o[1])
     if gemma:
         o_out = Norm.apply(o_out, *_norm_args(layer.post_attention_layernorm))
-    h = x + o_out
+    residual = getattr(layer, "residual_multiplier", 1.0)  # Granite scales each branch before it joins the residual
+    h = x + o_out * residual if residual != 1.0 else x + o_out
     level = getattr(layer, "_tunesmith_recompute", 0)
     m = Mlp.apply(h, mlp_norm.weight, gate_up[0], down[0], level, _activation(mlp), *gate_up[1], *down[1])
     if gemma:
         m = Norm.apply(m, *_norm_args(layer.post_feedforward_layernorm))
-    return (h + m)[None]
+    return (h + m * residual if residual != 1.0 else h + m)[None]
 
 
 def _norms(layer) -> list:
