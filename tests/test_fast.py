@@ -317,7 +317,8 @@ def test_lean_layer_recompute_and_checkpointing_draw_the_same_masks(tiny):
 
 
 # Tiny random configs of the families of issue 17: sliding windows of 8 tokens (the samples run to 40), Gemma 2's
-# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling, Granite's multipliers.
+# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling, Granite's multipliers,
+# OLMo 2's norms after attention and MLP.
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 FAMILIES = {
@@ -330,12 +331,13 @@ FAMILIES = {
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(sliding_window=8),
     "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
+    "olmo2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
 }
 
 
 # Which layers run lean in sft (max_length 64): Gemma 3's sliding layer (a window of 8) and Gemma 2's softcapped ones fall back
 LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [False, True],
-               "granite": [True, True]}
+               "granite": [True, True], "olmo2": [True, True]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -387,6 +389,7 @@ LEAN_FAMILIES = {
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=None, final_logit_softcapping=30.0),
     "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
     "granite": FAMILIES["granite"],
+    "olmo2": FAMILIES["olmo2"],
 }
 
 
@@ -509,8 +512,8 @@ def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family
     per_token = (_kept(m, 48) - _kept(m, 24)) / 24  # (less what does not grow with tokens)
     cfg, hidden = m.config, SHAPE["hidden_size"]
     rotary = int(SHAPE["head_dim"] * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
-    rows = 1 + (2 if family.startswith("gemma") else 0)  # 1/rms of the norms whose input is kept
-    rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0
+    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2}.get(family, 1)  # 1/rms where the norm's input is kept
+    rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0  # per head
     ropes = 2 if family == "gemma3_text" else 1  # cos/sin of each kind of layer (Gemma 3: local, global), shared
     small = (7 * args.lora_rank + rows + 2 * rotary * ropes / SHAPE["num_hidden_layers"]) / hidden
     full, mlp, _ = activation_memory.family_widths(family, hidden, cfg.intermediate_size, cfg.num_attention_heads,

@@ -1,15 +1,16 @@
 """The lean decoder layer: a llama/qwen2-style decoder layer with LoRA on all its projections, as
 three autograd functions, for packed rows (train.micro_batches) in training.
 
-    x -> RMSNorm -> q, k, v (LoRA) [-> per-head RMSNorm of q, k: Qwen3, Gemma 3] -> RoPE -> flash attention -> o (LoRA)
-      [-> RMSNorm: Gemma] -> + x = h
-    h -> RMSNorm -> gate, up (LoRA) -> act(gate) * up -> down (LoRA) [-> RMSNorm: Gemma] -> + h
+    x [-> RMSNorm] -> q, k, v (LoRA) [-> RMSNorm of q, k: Qwen3, Gemma 3, OLMo 2] -> RoPE -> flash attention -> o (LoRA)
+      [-> RMSNorm: Gemma, OLMo 2] -> + x = h
+    h [-> RMSNorm] -> gate, up (LoRA) -> act(gate) * up -> down (LoRA) [-> RMSNorm: Gemma, OLMo 2] -> + h
 
 The families (ARCHITECTURES): Qwen2/2.5, Qwen3, Llama, Mistral; Phi-3/Phi-4-mini, whose qkv_proj and
 gate_up_proj are fused Linears with one PEFT adapter each (run here as row blocks of the weight and of
 lora_B that share the lora_A and its dropout mask: what separate projections cost), with partial rotary;
 Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU) and four norms a layer;
-Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling).
+Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling); OLMo 2
+(norms only after attention and after the MLP, q/k norms over all heads, weights times the float32 norm).
 A layer whose attention the lean path cannot compute (a sliding window shorter than the longest sample,
 Gemma 2's logit softcapping) stays on transformers' layer, layer by layer (fallback_reason), and the
 start-up line says which and why (lean_note).
@@ -44,7 +45,7 @@ from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2")
 # Families whose sliding-window or softcapped layers stay on transformers' layers, layer by layer (the planner, which
 # reads no layer, counts them all as transformers' layers: an upper bound)
 PER_LAYER = ("gemma2", "gemma3_text")
@@ -60,7 +61,7 @@ class Group:
     p: float
     offset: int
     eps: float = 1e-6  # of the RMSNorm in front, if any
-    unit_offset: bool = False  # that RMSNorm is Gemma's: (1 + w), in float32
+    style: str = ""  # that RMSNorm's (rms_norm): "" Llama's, "float" OLMo 2's, "gemma" Gemma's
     step: int = STEP  # 0 for the row blocks of one fused Linear (Phi-3's qkv_proj): one input, one mask, one A
 
 
@@ -107,23 +108,28 @@ def lora_dx_add(dx, gb, a, g: Group):
     return dx
 
 
-def rms_norm(x, w, eps: float, unit_offset: bool = False):
-    """(transformers' RMSNorm of x [T, N], float32 1/rms per row). unit_offset: Gemma's, (1 + w) times the
-    float32 normalised x, rounded once; the Triton kernel rounds before the weight (Llama's), so Gemma's runs in torch."""
-    if _triton(x) and not unit_offset:
+def rms_norm(x, w, eps: float, style: str = ""):
+    """(transformers' RMSNorm of x [T, N], float32 1/rms per row). style "": Llama's, the normalised x rounded to
+    x's dtype, then times w (the Triton kernel's); "float": OLMo 2's, w times the float32 normalised x, rounded
+    once; "gemma": Gemma's, the same with (1 + w). The last two run in torch on every device."""
+    if _triton(x) and not style:
         return kernels.rms_norm(x, w, eps)
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-    if unit_offset:
-        return (xf * rstd[:, None] * (1.0 + w.float())).to(x.dtype), rstd
+    if style:
+        return (xf * rstd[:, None] * _norm_scale(w, style)).to(x.dtype), rstd
     return (w * (xf * rstd[:, None]).to(x.dtype)).to(x.dtype), rstd
 
 
-def rms_norm_backward(dy, x, w, rstd, unit_offset: bool = False):
-    if _triton(x) and not unit_offset:
+def _norm_scale(w, style: str):
+    return 1.0 + w.float() if style == "gemma" else w.float()
+
+
+def rms_norm_backward(dy, x, w, rstd, style: str = ""):
+    if _triton(x) and not style:
         return kernels.rms_norm_backward(dy, x, w, rstd)
     normed = x.float() * rstd[:, None]
-    dn = dy.float() * (1.0 + w.float() if unit_offset else w.float())
+    dn = dy.float() * _norm_scale(w, style)
     return (rstd[:, None] * (dn - normed * (dn * normed).mean(-1, keepdim=True))).to(x.dtype)
 
 
@@ -200,7 +206,7 @@ class Projections(torch.autograd.Function):
         weights, biases, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
         dtype = weights[0].dtype
         with torch.autocast(x.device.type, enabled=False):
-            y, rstd = rms_norm(x, norm_weight, g.eps, g.unit_offset) if norm_weight is not None else (x, None)
+            y, rstd = rms_norm(x, norm_weight, g.eps, g.style) if norm_weight is not None else (x, None)
             y = y.to(dtype)
             a = torch.stack(As)
             h = lora_a(y, a, g)
@@ -217,13 +223,13 @@ class Projections(torch.autograd.Function):
         weights, bs = rest[:n], rest[n:]
         dtype = weights[0].dtype
         with torch.autocast(x.device.type, enabled=False):
-            y = rms_norm(x, norm_weight, g.eps, g.unit_offset)[0].to(dtype) if norm_weight is not None else x.to(dtype)
+            y = rms_norm(x, norm_weight, g.eps, g.style)[0].to(dtype) if norm_weight is not None else x.to(dtype)
             grads = [gr.to(dtype) for gr in grads]
             dy, grad_a, grad_b = _group_backward(y, grads, h, a, weights, bs, g, ctx.needs_input_grad[0])
             del y
             dx = None
             if dy is not None:
-                dx = rms_norm_backward(dy, x, norm_weight, rstd, g.unit_offset) if norm_weight is not None else dy
+                dx = rms_norm_backward(dy, x, norm_weight, rstd, g.style) if norm_weight is not None else dy
         out = [None if dx is None else dx.to(x.dtype), None, None]
         for i in range(n):
             out += [None, None, grad_a[i], grad_b[i]]
@@ -231,7 +237,7 @@ class Projections(torch.autograd.Function):
 
 
 class Mlp(torch.autograd.Function):
-    """RMSNorm -> gate/up (LoRA) -> act(gate) * up -> down (LoRA), for h [T, hidden]. Keeps h, 1/rms,
+    """[RMSNorm ->] gate/up (LoRA) -> act(gate) * up -> down (LoRA), for h [T, hidden]. Keeps h, 1/rms,
     gate and up (unless `recompute` says to make them again in backward) and the r-wide H's; the
     [T, intermediate] product act(gate) * up is recomputed, never kept. `act`: "silu" or "gelu_tanh"."""
 
@@ -240,7 +246,7 @@ class Mlp(torch.autograd.Function):
                 wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d):
         dtype = wg.dtype
         with torch.autocast(h.device.type, enabled=False):
-            y = rms_norm(h, norm_weight, gu.eps, gu.unit_offset)[0].to(dtype)
+            y = rms_norm(h, norm_weight, gu.eps, gu.style)[0].to(dtype) if norm_weight is not None else h.to(dtype)
             a_gu = torch.stack((ag, au))
             r = a_gu.shape[1]
             h_gu = lora_a(y, a_gu, gu)
@@ -264,7 +270,7 @@ class Mlp(torch.autograd.Function):
         dtype = wg.dtype
         r = a_gu.shape[1]
         with torch.autocast(h.device.type, enabled=False):
-            y, rstd = rms_norm(h, norm_weight, gu.eps, gu.unit_offset)
+            y, rstd = rms_norm(h, norm_weight, gu.eps, gu.style) if norm_weight is not None else (h, None)
             y = y.to(dtype)
             if gate is None:
                 gate = _project(y, h_gu, wg, bg, b_g, gu.scales[0], 0, r)
@@ -279,7 +285,9 @@ class Mlp(torch.autograd.Function):
             dy, grad_agu, grad_bgu = _group_backward(y, [grad_gate, grad_up], h_gu, a_gu, [wg, wu], [b_g, b_u], gu,
                                                      ctx.needs_input_grad[0])
             del y, grad_gate, grad_up
-            dh = rms_norm_backward(dy, h, norm_weight, rstd, gu.unit_offset).to(h.dtype) if dy is not None else None
+            if dy is not None and norm_weight is not None:
+                dy = rms_norm_backward(dy, h, norm_weight, rstd, gu.style)
+            dh = dy.to(h.dtype) if dy is not None else None
         return (dh, None, None, None, None, None, None, None, grad_agu[0], grad_bgu[0], None, None, grad_agu[1], grad_bgu[1],
                 None, None, grad_ad[0], grad_bd[0])
 
@@ -290,17 +298,17 @@ class Norm(torch.autograd.Function):
     and 1/rms of each row."""
 
     @staticmethod
-    def forward(ctx, x, w, eps: float, unit_offset: bool = False):
+    def forward(ctx, x, w, eps: float, style: str = ""):
         flat = x.reshape(-1, x.shape[-1])
-        y, rstd = rms_norm(flat, w, eps, unit_offset)
+        y, rstd = rms_norm(flat, w, eps, style)
         ctx.save_for_backward(flat, w, rstd)
-        ctx.unit_offset = unit_offset
+        ctx.style = style
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         flat, w, rstd = ctx.saved_tensors
-        dx = rms_norm_backward(dy.reshape(flat.shape).contiguous(), flat, w, rstd, ctx.unit_offset)
+        dx = rms_norm_backward(dy.reshape(flat.shape).contiguous(), flat, w, rstd, ctx.style)
         return dx.view(dy.shape), None, None, None
 
 
@@ -321,9 +329,10 @@ class Rope(torch.autograd.Function):
 
 
 def _norm_args(norm):
-    """(weight, eps, unit_offset) of an RMSNorm: Gemma's (its weight starts at zero) scale by 1 + w, in float32."""
+    """(weight, eps, style) of an RMSNorm (style: see rms_norm; Gemma's weight starts at zero, scales by 1 + w)."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    return norm.weight, eps, type(norm).__name__.startswith("Gemma")
+    name = type(norm).__name__
+    return norm.weight, eps, "gemma" if name.startswith("Gemma") else "float" if name == "Olmo2RMSNorm" else ""
 
 
 def _activation(mlp) -> str | None:
@@ -364,16 +373,26 @@ def _group(entries, norm=None):
             continue
         biases = b.split(blocks) if b is not None else (None,) * len(blocks)
         projections += [(wi, bi, a, bbi, scale) for wi, bi, bbi in zip(w.split(blocks), biases, bb.split(blocks))]
-    _, eps, unit_offset = _norm_args(norm) if norm is not None else (None, 1e-6, False)
+    _, eps, style = _norm_args(norm) if norm is not None else (None, 1e-6, "")
     fused = entries[0][1] is not None
-    g = Group(tuple(float(p[4]) for p in projections), parts[0][5], entries[0][0]._tunesmith_seed, eps, unit_offset,
+    g = Group(tuple(float(p[4]) for p in projections), parts[0][5], entries[0][0]._tunesmith_seed, eps, style,
               0 if fused else STEP)
     return g, [t for (w, b, a, bb, _) in projections for t in (w, b, a, bb)]
 
 
-def _gemma_style(layer) -> bool:
-    """Gemma 2/3: four norms, the two extra ones on the attention's and the MLP's outputs."""
-    return hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+def _norm_places(layer) -> tuple:
+    """The layer's norms: (before attention, after it, before the MLP, after it), None where it has none. Llama's
+    two are before; Gemma 2/3 have all four; OLMo 2 only the two after (on the attention's and the MLP's outputs)."""
+    before = getattr(layer, "input_layernorm", None)
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return before, layer.post_attention_layernorm, layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return before, layer.post_attention_layernorm, None, layer.post_feedforward_layernorm
+    return before, None, layer.post_attention_layernorm, None
+
+
+def _weight(norm):
+    return None if norm is None else norm.weight
 
 
 def layer_forward(layer, hidden_states, *args, **kwargs):
@@ -384,32 +403,34 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
             layer.training and torch.is_grad_enabled()):
         return plain(hidden_states, *args, **kwargs)
     attn, mlp = layer.self_attn, layer.mlp
-    gemma = _gemma_style(layer)
-    mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = _norm_places(layer)
     qkv_in, o_in, gate_up_in, down_in = _inputs(layer)
-    qkv, o = _group(qkv_in, layer.input_layernorm), _group(o_in)
+    qkv, o = _group(qkv_in, attn_norm), _group(o_in)
     gate_up, down = _group(gate_up_in, mlp_norm), _group(down_in)
     if None in (qkv, o, gate_up, down):  # an adapter disabled, merged or unloaded
         return plain(hidden_states, *args, **kwargs)
     x = hidden_states[0]
     T = x.shape[0]
     heads, kv_heads, d = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
-    q, k, v = Projections.apply(x, layer.input_layernorm.weight, qkv[0], *qkv[1])
+    q, k, v = Projections.apply(x, _weight(attn_norm), qkv[0], *qkv[1])
+    per_head = hasattr(attn, "q_norm") and attn.q_norm.weight.numel() == d
+    if hasattr(attn, "q_norm") and not per_head:  # OLMo 2: over all of q, all of k
+        q, k = Norm.apply(q, *_norm_args(attn.q_norm)), Norm.apply(k, *_norm_args(attn.k_norm))
     q, k = q.view(T, heads, d), k.view(T, kv_heads, d)
-    if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3
+    if per_head:  # Qwen3, Gemma 3
         q, k = Norm.apply(q, *_norm_args(attn.q_norm)), Norm.apply(k, *_norm_args(attn.k_norm))
     cos, sin = emb
     q, k = Rope.apply(q, k, cos[0], sin[0])
     out = attention.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling)
     (o_out,) = Projections.apply(out.reshape(T, heads * d), None, o[0], *o[1])
-    if gemma:
-        o_out = Norm.apply(o_out, *_norm_args(layer.post_attention_layernorm))
+    if attn_out_norm is not None:
+        o_out = Norm.apply(o_out, *_norm_args(attn_out_norm))
     residual = getattr(layer, "residual_multiplier", 1.0)  # Granite scales each branch before it joins the residual
     h = x + o_out * residual if residual != 1.0 else x + o_out
     level = getattr(layer, "_tunesmith_recompute", 0)
-    m = Mlp.apply(h, mlp_norm.weight, gate_up[0], down[0], level, _activation(mlp), *gate_up[1], *down[1])
-    if gemma:
-        m = Norm.apply(m, *_norm_args(layer.post_feedforward_layernorm))
+    m = Mlp.apply(h, _weight(mlp_norm), gate_up[0], down[0], level, _activation(mlp), *gate_up[1], *down[1])
+    if mlp_out_norm is not None:
+        m = Norm.apply(m, *_norm_args(mlp_out_norm))
     return (h + m * residual if residual != 1.0 else h + m)[None]
 
 
@@ -420,10 +441,17 @@ def _norms(layer) -> list:
                                                                       if hasattr(attn, n)]
 
 
+def _known_norm_places(layer) -> bool:
+    """Llama's two norms before, Gemma's four, or OLMo 2's two after (_norm_places)."""
+    before, pre_mlp, post_mlp = (hasattr(layer, n) for n in ("input_layernorm", "pre_feedforward_layernorm",
+                                                             "post_feedforward_layernorm"))
+    return (before and pre_mlp == post_mlp) or (not before and post_mlp and not pre_mlp)
+
+
 def fallback_reason(layer, max_length: int | None = None) -> str | None:
     """Why this decoder layer (base model, before LoRA) stays on transformers' layer, or None: it runs lean.
-    Lean: a llama/qwen2-style layer (Phi-3's fused projections, Gemma's four (1 + w) norms and GeGLU too),
-    plain RMSNorms (per-head q/k norms too), causal attention without dropout or logit softcapping, and full
+    Lean: a llama/qwen2-style layer (Phi-3's fused projections, Gemma's four (1 + w) norms and GeGLU, OLMo 2's
+    norms after attention and MLP only, too), RMSNorms (q/k norms too, per head or over all heads), causal attention without dropout or logit softcapping, and full
     attention: a sliding window (Mistral's, Gemma's sliding layers) counts as full only when no sample (at most
     `max_length` tokens) is longer than it, since the lean layer's flash attention has neither."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -442,7 +470,7 @@ def fallback_reason(layer, max_length: int | None = None) -> str | None:
     norms = _norms(layer)
     shape_ok = (all(type(n).__name__.endswith("RMSNorm") and _norm_args(n)[1] is not None for n in norms)
                 and hasattr(attn, "q_norm") == hasattr(attn, "k_norm")
-                and hasattr(layer, "pre_feedforward_layernorm") == hasattr(layer, "post_feedforward_layernorm")
+                and hasattr(layer, "post_attention_layernorm") and _known_norm_places(layer)
                 and _activation(mlp) is not None
                 and (hasattr(attn, "qkv_proj") or all(hasattr(attn, n) for n in PROJECTIONS[:3])) and hasattr(attn, "o_proj")
                 and (hasattr(mlp, "gate_up_proj") or all(hasattr(mlp, n) for n in PROJECTIONS[4:6]))
