@@ -271,7 +271,7 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
     if lean:
         lora_linear.use_lean_lora(m)
     if layers:
-        assert decoder_layer.use_lean_layers(m) == len(checkpointing.decoder_layers(m))
+        assert decoder_layer.use_lean_layers(m, max_length=64) == len(checkpointing.decoder_layers(m))  # (samples: < 40)
         for layer in checkpointing.decoder_layers(m):
             layer._tunesmith_recompute = level
     checkpointing.checkpoint_layers(m, share, preserve_rng=False)
@@ -317,7 +317,8 @@ def test_lean_layer_recompute_and_checkpointing_draw_the_same_masks(tiny):
 
 
 # Tiny random configs of the families of issue 17: sliding windows of 8 tokens (the samples run to 40), Gemma 2's
-# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling.
+# logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling, Granite's multipliers,
+# OLMo 2's norms after attention and MLP.
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 FAMILIES = {
@@ -329,7 +330,14 @@ FAMILIES = {
     "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(sliding_window=8),
+    "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
+    "olmo2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
 }
+
+
+# Which layers run lean in sft (max_length 64): Gemma 3's sliding layer (a window of 8) and Gemma 2's softcapped ones fall back
+LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [False, True],
+               "granite": [True, True], "olmo2": [True, True]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -363,25 +371,155 @@ def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(fam
                                                           torch.tensor(s.labels[1:]), reduction="sum") for s in data)
         total.backward()
         results.append((total.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
-        if packed:  # the lean decoder layers take the llama-style families whose samples fit their window
+        if packed:  # the lean decoder layers take the layers whose samples fit their window, without softcapping
             lean = [hasattr(layer, "_tunesmith_plain_layer") for layer in checkpointing.decoder_layers(m)]
-            assert lean == [family in ("qwen3", "llama")] * len(lean)
+            assert lean == LEAN_LAYERS.get(family, [False, False])
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert grads_b.keys() == grads_a.keys() and grads_a
     assert_close_up_to_summation_order(grads_b, grads_a)
 
 
-def test_lean_qwen3_layers_draw_the_dropout_masks_of_transformers_layers_with_lean_projections():
-    """Qwen3 (per-head q/k RMSNorm) on the lean layers with dropout: the lean projections inside transformers' own
-    layer draw the same masks, so loss and gradients agree (a different mask would be far outside)."""
+# Families on lean layers beyond Qwen2 (issue 17), every layer lean: Qwen3's q/k norms, Phi-3's fused qkv_proj and
+# gate_up_proj with partial rotary, Gemma 2 without softcapping and Gemma 3 (q/k norms) with windows longer than any
+# sample: Gemma's four (1 + w) norms, GeGLU and query_pre_attn_scalar.
+LEAN_FAMILIES = {
+    "qwen3": {},
+    "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1, partial_rotary_factor=0.5),
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=64, attn_logit_softcapping=None, final_logit_softcapping=30.0),
+    "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
+    "granite": FAMILIES["granite"],
+    "olmo2": FAMILIES["olmo2"],
+}
+
+
+def tiny_family(family):
+    """A tiny random model of the family, its norm weights random too (Gemma's start at zero, the others at one)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tunesmith.model.families import attention_implementation
+
+    config = AutoConfig.for_model(family, **SHAPE, **LEAN_FAMILIES[family])
     torch.manual_seed(0)
-    qwen3 = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **SHAPE), attn_implementation="sdpa").float()
-    loss, grads = _lean_layer_run(qwen3, 0.2)
-    nodrop, _ = _lean_layer_run(qwen3, 0.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(family):
+    """Without dropout, on a packed row of five samples: the lean layers give the loss and every LoRA gradient of
+    transformers' layers with PEFT's LoRA (on Phi-3, PEFT's one adapter on each fused Linear)."""
+    model = tiny_family(family)
+    loss, grads = _lean_layer_run(model, 0.0)
+    plain_loss, plain_grads = _lean_layer_run(model, 0.0, layers=False, lean=False)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    per_layer = 4 if family == "phi3" else 7  # qkv_proj, o_proj, gate_up_proj, down_proj
+    assert len(grads) == 2 * per_layer * SHAPE["num_hidden_layers"]
+    assert_close_up_to_summation_order(grads, plain_grads)
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_lean_layers_of_each_family_draw_the_dropout_masks_of_transformers_layers_with_lean_projections(family):
+    """With dropout the lean projections inside transformers' own layer draw the same masks (on a fused Linear one
+    mask for all its row blocks, as PEFT's), so loss and gradients agree (a different mask would be far outside);
+    recomputing up, gate and up, or the whole layer changes no bit."""
+    model = tiny_family(family)
+    loss, grads = _lean_layer_run(model, 0.2)
+    nodrop, _ = _lean_layer_run(model, 0.0)
     assert loss != pytest.approx(nodrop, rel=1e-4)
-    other_loss, other = _lean_layer_run(qwen3, 0.2, layers=False)
+    other_loss, other = _lean_layer_run(model, 0.2, layers=False)
     assert other_loss == pytest.approx(loss, rel=1e-6)
     assert_close_up_to_summation_order(other, grads)
+    for kwargs in ({"level": 1}, {"level": 2}, {"share": 1.0}):
+        again_loss, again = _lean_layer_run(model, 0.2, **kwargs)
+        assert again_loss == loss, kwargs
+        assert_same_bits(again, grads)
+
+
+def test_the_start_up_line_says_which_layers_fall_back_and_why():
+    from tunesmith.engine.decoder_layer import lean_note
+
+    assert lean_note(2, [None, None]) == "lean decoder layers (2)"
+    assert lean_note(1, ["a sliding window of 8 tokens, shorter than --max_length 64", None]) == (
+        "lean decoder layers (1 of 2; transformers' for layer 0: a sliding window of 8 tokens, shorter than "
+        "--max_length 64)")
+    window = "a sliding window of 1024 tokens, shorter than --max_length 4096"
+    assert lean_note(10, ([window] * 5 + [None]) * 10) == (
+        f"lean decoder layers (10 of 60; transformers' for 50 layers: {window})")
+
+
+class _FlashLike(torch.autograd.Function):
+    """Stands in for flash attention on the CPU: keeps what FlashVarlen keeps (q, k, v and the output)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bounds, longest, scale, attend):
+        out = attend(q, k, v, bounds, longest, scale).contiguous()  # (as flash returns it)
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+
+def _kept(model, tokens: int) -> float:
+    """Bytes the lean layers keep for backward, in hidden-widths of one token and layer (parameters and their views
+    left out), for a packed row of two samples of `tokens` tokens in all."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layers = checkpointing.decoder_layers(model)
+    lean = [layer.forward for layer in layers]
+    for layer in layers:
+        def forward(*args, _forward=layer.forward, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return _forward(*args, **kwargs)
+        layer.forward = forward
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, tokens))
+    half = tokens // 2
+    positions = torch.cat([torch.arange(half), torch.arange(tokens - half)])[None]
+    try:
+        model.get_base_model().get_decoder()(input_ids=ids, position_ids=positions, use_cache=False,
+                                             cu_seq_lens_q=torch.tensor([0, half, tokens], dtype=torch.int32),
+                                             max_length_q=tokens - half)
+    finally:
+        for layer, forward in zip(layers, lean):
+            layer.forward = forward
+    return sum(kept.values()) / (len(layers) * SHAPE["hidden_size"] * 4)
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family, monkeypatch):
+    """activation_memory.family_widths (the planner's figure) against what the lean layers really keep per token,
+    flash attention's share included; beyond it only the r-wide LoRA intermediates, cos/sin and 1/rms of each row,
+    which the model leaves out (at this tiny hidden size of 64 they are a width or so; at 3584, a few hundredths)."""
+    from tunesmith.engine import activation_memory, decoder_layer, lora_linear
+
+    args = SftArguments(dataset=["x"], lora_dropout=0.1)
+    m = add_lora(tiny_family(family), args)
+    attention.use_document_attention(m.get_base_model())
+    lora_linear.use_lean_lora(m)
+    assert decoder_layer.use_lean_layers(m, max_length=64) == SHAPE["num_hidden_layers"]
+    m.train()
+    attend = attention.varlen_attention
+    monkeypatch.setattr(attention, "varlen_attention", lambda *a: _FlashLike.apply(*a, attend))
+    per_token = (_kept(m, 48) - _kept(m, 24)) / 24  # (less what does not grow with tokens)
+    cfg, hidden = m.config, SHAPE["hidden_size"]
+    rotary = int(SHAPE["head_dim"] * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2}.get(family, 1)  # 1/rms where the norm's input is kept
+    rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0  # per head
+    ropes = 2 if family == "gemma3_text" else 1  # cos/sin of each kind of layer (Gemma 3: local, global), shared
+    small = (7 * args.lora_rank + rows + 2 * rotary * ropes / SHAPE["num_hidden_layers"]) / hidden
+    full, mlp, _ = activation_memory.family_widths(family, hidden, cfg.intermediate_size, cfg.num_attention_heads,
+                                                   cfg.num_key_value_heads, SHAPE["head_dim"])
+    assert per_token == pytest.approx(full + small, abs=0.05), (per_token, full, small)
+    for level in (1, 2):  # recomputing up, then gate too, frees what the model says (Phi-3's row blocks too)
+        for layer in checkpointing.decoder_layers(m):
+            layer._tunesmith_recompute = level
+        assert (_kept(m, 48) - _kept(m, 24)) / 24 == pytest.approx(per_token - level * mlp, abs=0.05), level

@@ -69,14 +69,29 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     return k / layers
 
 
-def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool = False):
+def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool = False,
+                      gemma: bool = False):
     """What one lean decoder layer (decoder_layer.py) keeps per token, in hidden-widths: (with nothing
-    recomputed, less per recompute level, transient while one layer runs backward). Qwen3's per-head q/k
-    norms (qk_norm) keep q and k once more, before the norm."""
+    recomputed, less per recompute level, transient while one layer runs backward). Per-head q/k norms
+    (qk_norm: Qwen3, Gemma 3) keep q and k once more, before the norm. Gemma's norms after attention and
+    after the MLP keep their inputs (2 more); its norms and GeGLU run in torch, whose float32 and
+    intermediate-wide temporaries add to the transient (rough: 2 intermediate-widths and 4 hidden-widths).
+    Phi-3's fused projections keep what separate ones keep (they run as row blocks)."""
     attention = (2 * heads * head_dim + 2 * kv_heads * head_dim) / hidden  # q and the output, k and v
     attention += (heads + kv_heads) * head_dim / hidden if qk_norm else 0
     mlp = intermediate / hidden  # gate or up
-    return 2 + attention + 2 * mlp, mlp, 3 * mlp + 4  # + x and h; transient: the product, its gradient, a recompute
+    full = 2 + attention + 2 * mlp + (2 if gemma else 0)  # + x and h
+    transient = 3 * mlp + 4 + (2 * mlp + 4 if gemma else 0)  # the product, its gradient, a recompute
+    return full, mlp, transient
+
+
+def family_widths(model_type: str, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int):
+    """lean_layer_widths for a family's lean layers (OLMo 2's two norms after attention and MLP keep their inputs, as
+    Gemma's; its SwiGLU is the Triton one, so the transient is Llama's, less rough for its torch norms)."""
+    gemma = model_type in ("gemma2", "gemma3_text")
+    full, mlp, transient = lean_layer_widths(hidden, intermediate, heads, kv_heads, head_dim, gemma=gemma,
+                                             qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"))
+    return (full + 2 if model_type == "olmo2" else full), mlp, transient
 
 
 def lean_activation_bytes(widths: tuple, unit: float, levels: list[int], checkpointed: set) -> float:
@@ -105,9 +120,8 @@ def choose_recompute(layers: int, widths: tuple, unit: float, free: float) -> tu
 
 def config_widths(config) -> tuple:
     heads = config.num_attention_heads
-    return lean_layer_widths(config.hidden_size, config.intermediate_size, heads, config.num_key_value_heads,
-                             getattr(config, "head_dim", None) or config.hidden_size // heads,
-                             qk_norm=getattr(config, "model_type", "") == "qwen3")
+    return family_widths(getattr(config, "model_type", ""), config.hidden_size, config.intermediate_size, heads,
+                         config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def plan_memory(model, tokens: int | None, reserve: int = 0, budget: int | None = None) -> tuple[list[int], int]:

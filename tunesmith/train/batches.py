@@ -104,6 +104,9 @@ def loss_of(model, batch, loss=fused_loss.linear_cross_entropy) -> "torch.Tensor
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         hidden = hidden.index_select(0, batch["loss_positions"])
         head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+        scaling = getattr(base.config, "logits_scaling", 1.0)
+        if scaling != 1.0 and head.bias is None:  # Granite divides its logits: head(h) / s is head(h / s)
+            hidden = hidden / scaling
         if cap and loss is fused_loss.linear_cross_entropy:  # Gemma 2's capped logits (tanh), as its forward
             import torch  # computes them: the general chunked path
 

@@ -126,8 +126,8 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     loss = loss_bytes(shape.vocab, shape.hidden, s.loss_tokens, s.elt)
     checkpointed = s.checkpointed
     if s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (activation_memory.plan_memory)
-        widths = activation_memory.lean_layer_widths(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads,
-                                                     shape.head_dim, qk_norm=shape.model_type == "qwen3")
+        widths = activation_memory.family_widths(shape.model_type, shape.hidden, shape.intermediate, shape.heads,
+                                                 shape.kv_heads, shape.head_dim)
         unit = shape.hidden * s.elt * s.tokens
         if checkpointed is None:
             free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
@@ -164,6 +164,8 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
     tokens (the worst case: the loss's logits grow with answer tokens)."""
     import importlib.util
 
+    from ..engine.decoder_layer import PER_LAYER  # (families whose layers may fall back one by one: an upper bound)
+
     share = args.gradient_checkpointing
     return Settings(tokens=tokens, loss_tokens=tokens, checkpointed=None if share is None else round(share * shape.layers),
                     quant_bits=args.quant_bits if args.quant_method else None, world=world,
@@ -171,7 +173,7 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
                     elt=4 if str(args.torch_dtype) in ("float32", "fp32") else 2,
                     liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None,
                     lean=args.lean_lora and not args.quant_method,  # lean LoRA needs a plain (unquantized) base
-                    lean_layers=lean_layers_apply(args, shape.model_type))
+                    lean_layers=lean_layers_apply(args, shape.model_type) and shape.model_type not in PER_LAYER)
 
 
 def lean_layers_apply(args, model_type: str) -> bool:

@@ -247,8 +247,9 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         attention.use_document_attention(model)
         notes.append("packed windows with per-sample attention")
     layers = checkpointing.decoder_layers(model)
-    lean_layers = planner.lean_layers_apply(args, getattr(model.config, "model_type", "")) and all(
-        decoder_layer.supported(layer, args.max_length) for layer in layers)
+    kind = getattr(model.config, "model_type", "")
+    reasons = [decoder_layer.fallback_reason(layer, args.max_length) for layer in layers]  # None: the layer runs lean
+    lean_layers = planner.lean_layers_apply(args, kind) and None in reasons
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = patches.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
         notes += [f"Liger {'/'.join(kernels)}"] if kernels else []
@@ -259,14 +260,10 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         notes += [f"lean LoRA on {n} projections"] if n else []
         lean = lora_linear.all_lean(model)
         lean_layers = lean_layers and decoder_layer.use_lean_layers(model, args.max_length)
-        notes += [f"lean decoder layers ({lean_layers})"] if lean_layers else []
-        kind = getattr(model.config, "model_type", "")
-        window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
-        short = window is not None and window < args.max_length
-        if not lean_layers and args.packing_window and (kind not in decoder_layer.ARCHITECTURES or short):
-            why = (f"the lean ones take {', '.join(decoder_layer.ARCHITECTURES)}" if kind not in decoder_layer.ARCHITECTURES
-                   else f"a sliding window of {window} tokens, shorter than --max_length {args.max_length}")
-            notes.append(f"transformers' {kind} decoder layers ({why})")  # the family's own layers: say why
+        notes += [decoder_layer.lean_note(lean_layers, reasons)] if lean_layers else []
+        if not lean_layers and args.packing_window and any(reasons):  # the family's own layers: say why
+            why = "; ".join(dict.fromkeys(filter(None, reasons)))  # each reason once
+            notes.append(f"transformers' {kind} decoder layers ({why})")
     levels = [0] * len(layers)  # recompute levels of the lean layers (plan_memory's, where memory is short)
     share = args.gradient_checkpointing
     if share is None:  # only where memory requires it
