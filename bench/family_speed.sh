@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Issue 17's speed check for one family on the device: the real `tunesmith sft` (default flags: the lean decoder
-# layers where the family takes them) against transformers + PEFT with ms-swift's best option (packing + Liger,
-# bench/baseline_sft.py), in the same call, on the mixed workload's data and a random-weight Qwen3-8B-shaped folder
-# with FAMILY_LAYERS layers (default 12; per-layer figures scale), STEPS optimizer steps each.
-#   bash bench/family_speed.sh      (after bench/gpu_smoke.sh in the same call, which builds the data; logs under $OUT)
+# Issue 17's speed check on the device, one family after another (FAMILIES, default qwen3 llama gemma3_text phi3):
+# the real `tunesmith sft` (default flags: the lean decoder layers where the family takes them) against
+# transformers + PEFT with ms-swift's best option (packing + Liger, bench/baseline_sft.py), in the same call, on the
+# mixed workload's data and a random-weight 8B-class folder of the family (bench/make_qwen7b.py: Qwen3-8B,
+# Llama-3.1-8B, Gemma-3-12B, Phi-4-mini) with FAMILY_LAYERS layers (default 12; per-layer figures scale), STEPS
+# optimizer steps each; with GC=1 ours runs a second time with --gradient_checkpointing true (the memory-matched
+# mode: every layer checkpointed, as the baseline).
+#   NO_7B=1 GC=1 FAMILIES='phi3 qwen3' bash bench/family_speed.sh      (alone, or after bench/gpu_smoke.sh in the same call, which builds the data; logs under $OUT)
 source "$(dirname "$0")/gpu_common.sh"
-F=$W/Qwen3-8B; STEPS=${STEPS:-30}
-[ -f $F/config.json ] || python3 bench/make_qwen7b.py $F --tokenizer .device/tokenizer --family qwen3 --layers ${FAMILY_LAYERS:-12}
-sft qwen3 "${MIXED[@]}" --model Qwen3-8B --max_steps $STEPS; python3 bench/check_run.py summary qwen3 $L/qwen3.log
-grep -h "fast path\|memory plan" $L/qwen3.log
-(cd $W && timeout 300 python3 $REPO/bench/baseline_sft.py --engine swift_best --max_steps $STEPS -- "${GUIDE[@]}" \
-    "${MIXED[@]}" --model Qwen3-8B 2>$L/baseline_qwen3.err) || tail -3 $L/baseline_qwen3.err
+STEPS=${STEPS:-30}
+for fam in ${FAMILIES:-qwen3 llama gemma3_text phi3}; do
+    F=$W/family-$fam
+    [ -f $F/config.json ] || python3 bench/make_qwen7b.py $F --tokenizer .device/tokenizer --family $fam \
+        --layers ${FAMILY_LAYERS:-12} >/dev/null
+    sft $fam "${MIXED[@]}" --model family-$fam --max_steps $STEPS; python3 bench/check_run.py summary $fam $L/$fam.log
+    grep -h "fast path\|memory plan" $L/$fam.log | cut -c1-300
+    if [ -n "${GC:-}" ]; then
+        sft $fam-gc "${MIXED[@]}" --model family-$fam --max_steps $STEPS --gradient_checkpointing true
+        python3 bench/check_run.py summary $fam-gc $L/$fam-gc.log
+    fi
+    (cd $W && timeout 300 python3 $REPO/bench/baseline_sft.py --engine swift_best --max_steps $STEPS -- "${GUIDE[@]}" \
+        "${MIXED[@]}" --model family-$fam 2>$L/baseline_$fam.err) || tail -3 $L/baseline_$fam.err
+    rm -rf $F  # (disk)
+done
 finish family

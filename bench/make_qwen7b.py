@@ -6,7 +6,11 @@ default model (same Qwen2.5 vocabulary).
 
     python bench/make_qwen7b.py OUT_DIR --tokenizer TOKENIZER_DIR [--layers N] [--family qwen3]
 
---family qwen3 builds a Qwen3-8B-shaped folder instead (q/k norms, head_dim 128), on the same tokenizer.
+--family builds another family's 8B-class shape instead, on the same tokenizer (so each vocabulary is at least
+the tokenizer's 151,665 ids: Llama 3.1's 128,256 becomes Qwen's 151,936; the others keep their own):
+qwen3 (Qwen3-8B: q/k norms, head_dim 128), llama (Llama-3.1-8B: llama3 RoPE scaling), gemma3_text (Gemma-3-12B:
+five sliding-window layers of 1,024 tokens to one global, (1 + w) norms, GeGLU, tied 262k embeddings) and phi3
+(Phi-4-mini: fused qkv/gate_up, partial rotary 0.75, longrope with made-up factors, tied 200k embeddings).
 """
 
 import argparse
@@ -31,6 +35,35 @@ QWEN3_8B = {
     "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "bfloat16",
     "use_cache": True,
 }
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "vocab_size": 151936,
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16", "use_cache": True,
+}
+GEMMA3_12B = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-06, "vocab_size": 262208, "tie_word_embeddings": True,
+    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    "torch_dtype": "bfloat16", "use_cache": True,
+}
+PHI4_MINI = {
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu", "hidden_size": 3072,
+    "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+    "rms_norm_eps": 1e-05, "vocab_size": 200064, "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 32.0, "partial_rotary_factor": 0.75,
+                        "original_max_position_embeddings": 4096, "short_factor": [1.0] * 48,
+                        "long_factor": [1.0 + i / 8 for i in range(48)]},
+    "torch_dtype": "bfloat16", "use_cache": True,
+}
+SHAPES = {"qwen2": QWEN25_7B, "qwen3": QWEN3_8B, "llama": LLAMA31_8B, "gemma3_text": GEMMA3_12B, "phi3": PHI4_MINI}
+QWEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}  # the tokenizer's
 
 
 def main():
@@ -41,11 +74,11 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--family", choices=["qwen2", "qwen3"], default="qwen2")
+    ap.add_argument("--family", choices=list(SHAPES), default="qwen2")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = QWEN3_8B if a.family == "qwen3" else QWEN25_7B
+    base = dict(SHAPES[a.family], **QWEN_IDS)
     layers = a.layers or base["num_hidden_layers"]
     cfg = dict(base, num_hidden_layers=layers, **({"max_window_layers": layers} if a.family == "qwen2" else {}))
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -53,7 +86,8 @@ def main():
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    std = model.model.layers[0].mlp.up_proj.weight.float().std().item()
+    mlp = model.model.layers[0].mlp
+    std = getattr(mlp, "up_proj", getattr(mlp, "gate_up_proj", None)).weight.float().std().item()
     assert 0.005 < std < 0.1, f"weights look uninitialised (std {std})"
     model.generation_config.eos_token_id = [151645, 151643]
     model.save_pretrained(out)

@@ -335,9 +335,9 @@ FAMILIES = {
 }
 
 
-# Which layers run lean in sft (max_length 64): Gemma 3's sliding layer (a window of 8) and Gemma 2's softcapped ones fall back
-LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [False, True],
-               "granite": [True, True], "olmo2": [True, True]}
+# Which layers run lean in sft (max_length 64): all but Gemma 2's softcapped ones (sliding windows of 8 tokens run lean)
+LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [True, True],
+               "granite": [True, True], "olmo2": [True, True], "mistral": [True, True]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -456,8 +456,8 @@ class _FlashLike(torch.autograd.Function):
     """Stands in for flash attention on the CPU: keeps what FlashVarlen keeps (q, k, v and the output)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bounds, longest, scale, attend):
-        out = attend(q, k, v, bounds, longest, scale).contiguous()  # (as flash returns it)
+    def forward(ctx, q, k, v, bounds, longest, scale, window, attend):
+        out = attend(q, k, v, bounds, longest, scale, window).contiguous()  # (as flash returns it)
         ctx.save_for_backward(q, k, v, out)
         return out
 

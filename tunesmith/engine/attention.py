@@ -17,15 +17,17 @@ _varlen_failed = False
 class FlashVarlen(torch.autograd.Function):
     """Causal flash attention over packed samples: q [T, heads, d], k/v [T, kv_heads, d] (grouped-query
     attention natively: k and v are never repeated to the query's head count), boundaries `bounds`
-    (int32 on the device) and the longest sample `longest` (an int, so no host sync). PyTorch's own
-    flash kernels (aten._flash_attention_forward/backward), the ones behind SDPA and varlen_attn."""
+    (int32 on the device) and the longest sample `longest` (an int, so no host sync); a sliding-window layer
+    attends to its last `window` tokens only (itself included, as transformers' sliding_window_overlay). PyTorch's
+    own flash kernels (aten._flash_attention_forward/backward), the ones behind SDPA and varlen_attn."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bounds, longest, scale):
+    def forward(ctx, q, k, v, bounds, longest, scale, window=None):
+        band = {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale)
+            q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale, **band)
         ctx.save_for_backward(q, k, v, out, lse, bounds, rng, unused)
-        ctx.longest, ctx.scale = longest, scale
+        ctx.longest, ctx.scale, ctx.band = longest, scale, band
         return out
 
     @staticmethod
@@ -33,8 +35,8 @@ class FlashVarlen(torch.autograd.Function):
         q, k, v, out, lse, bounds, rng, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             grad.contiguous(), q, k, v, out, lse, bounds, bounds, ctx.longest, ctx.longest, 0.0, True, rng, unused,
-            scale=ctx.scale)
-        return dq, dk, dv, None, None, None
+            scale=ctx.scale, **ctx.band)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_usable(q: torch.Tensor) -> bool:
@@ -42,18 +44,23 @@ def flash_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
 
-def varlen_attention(q, k, v, bounds, longest: int | None, scale=None):
-    """Causal attention within each packed sample. q: [T, heads, d]; k, v: [T, kv_heads, d]; returns
-    [T, heads, d]. Flash on CUDA; elsewhere SDPA on each sample's slice."""
+def varlen_attention(q, k, v, bounds, longest: int | None, scale=None, window: int | None = None):
+    """Causal attention within each packed sample, over its last `window` tokens where a sliding-window layer
+    sets one. q: [T, heads, d]; k, v: [T, kv_heads, d]; returns [T, heads, d]. Flash on CUDA; elsewhere SDPA on
+    each sample's slice."""
     global _varlen_failed
+    if window is not None and longest is not None and int(longest) <= window:
+        window = None  # no sample is longer than the window: plain causal attention
     if longest and not _varlen_failed and flash_usable(q):
         try:
-            return FlashVarlen.apply(q, k, v, bounds, int(longest), scale)
+            return FlashVarlen.apply(q, k, v, bounds, int(longest), scale, window)
         except (RuntimeError, TypeError, NotImplementedError) as e:  # a build without flash kernels
             _varlen_failed = True
 
             log(f"flash attention unavailable ({str(e).splitlines()[0][:100]}); using per-sample SDPA")
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, d]
+    if window is not None:
+        return _per_sample_banded(q, k, v, bounds, scale, window, None)[0].transpose(0, 1)
     return _per_sample_sdpa(q, k, v, bounds, scale)[0].transpose(0, 1)
 
 
@@ -102,12 +109,12 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
         bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
     longest = kwargs.get("max_length_q") or query.shape[2]
     window = sliding_window if sliding_window and longest > sliding_window else None  # shorter samples: no effect
-    if window or softcap:
+    if softcap or (window and query.shape[0] != 1):
         out = _per_sample_banded(query, key, value, bounds, scaling, window, softcap)
         return out.transpose(1, 2).contiguous(), None
     if query.shape[0] == 1:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, d]
-        return varlen_attention(q, k, v, bounds, kwargs.get("max_length_q"), scaling).unsqueeze(0), None
+        return varlen_attention(q, k, v, bounds, kwargs.get("max_length_q"), scaling, window).unsqueeze(0), None
     return _per_sample_sdpa(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
 
 

@@ -11,9 +11,10 @@ lora_B that share the lora_A and its dropout mask: what separate projections cos
 Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU) and four norms a layer;
 Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling); OLMo 2
 (norms only after attention and after the MLP, q/k norms over all heads, weights times the float32 norm).
-A layer whose attention the lean path cannot compute (a sliding window shorter than the longest sample,
-Gemma 2's logit softcapping) stays on transformers' layer, layer by layer (fallback_reason), and the
-start-up line says which and why (lean_note).
+Sliding-window layers (Gemma's, Mistral's, Qwen's where set) attend through flash attention's own window. A
+layer whose attention the lean path cannot compute (Gemma 2's logit softcapping, which the flash kernels lack)
+stays on transformers' layer, layer by layer (fallback_reason), and the start-up line says which and why
+(lean_note).
 
 What backward keeps, per token, in hidden-widths (Qwen2.5-7B): the layer input x and h (2), q, k,
 v and the attention output (2.3, kept by flash attention for its own backward), gate and up (10.6):
@@ -46,9 +47,9 @@ from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
 ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2")
-# Families whose sliding-window or softcapped layers stay on transformers' layers, layer by layer (the planner, which
-# reads no layer, counts them all as transformers' layers: an upper bound)
-PER_LAYER = ("gemma2", "gemma3_text")
+# Families whose softcapped layers stay on transformers' layers, layer by layer (the planner, which reads no layer,
+# counts them all as transformers' layers: an upper bound)
+PER_LAYER = ("gemma2",)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -421,7 +422,8 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
         q, k = Norm.apply(q, *_norm_args(attn.q_norm)), Norm.apply(k, *_norm_args(attn.k_norm))
     cos, sin = emb
     q, k = Rope.apply(q, k, cos[0], sin[0])
-    out = attention.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling)
+    out = attention.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling,
+                                     sliding_window(attn))
     (o_out,) = Projections.apply(out.reshape(T, heads * d), None, o[0], *o[1])
     if attn_out_norm is not None:
         o_out = Norm.apply(o_out, *_norm_args(attn_out_norm))
@@ -448,12 +450,18 @@ def _known_norm_places(layer) -> bool:
     return (before and pre_mlp == post_mlp) or (not before and post_mlp and not pre_mlp)
 
 
+def sliding_window(attn) -> int | None:
+    """The tokens a sliding-window layer attends to (itself included), or None: Gemma's and Qwen's sliding layers
+    carry their own; Mistral's attention reads its config's."""
+    return getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None)) or None
+
+
 def fallback_reason(layer, max_length: int | None = None) -> str | None:
     """Why this decoder layer (base model, before LoRA) stays on transformers' layer, or None: it runs lean.
     Lean: a llama/qwen2-style layer (Phi-3's fused projections, Gemma's four (1 + w) norms and GeGLU, OLMo 2's
-    norms after attention and MLP only, too), RMSNorms (q/k norms too, per head or over all heads), causal attention without dropout or logit softcapping, and full
-    attention: a sliding window (Mistral's, Gemma's sliding layers) counts as full only when no sample (at most
-    `max_length` tokens) is longer than it, since the lean layer's flash attention has neither."""
+    norms after attention and MLP only, too), RMSNorms (q/k norms too, per head or over all heads), causal attention
+    without dropout or logit softcapping (which the flash kernels lack), full or over a sliding window (Mistral's,
+    Gemma's and Qwen's sliding layers). `max_length` is no longer needed here; kept for the callers."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or getattr(attn, "config", None) is None:
         return "not a decoder layer of the lean kind"
@@ -462,9 +470,6 @@ def fallback_reason(layer, max_length: int | None = None) -> str | None:
         return f"the lean ones take {', '.join(ARCHITECTURES)}"
     if getattr(attn, "attn_logit_softcapping", None):
         return f"attention logits softcapped at {attn.attn_logit_softcapping:g}"
-    window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
-    if window is not None and (max_length is None or max_length > window):
-        return f"a sliding window of {window} tokens" + (f", shorter than --max_length {max_length}" if max_length else "")
     if any(getattr(config, n, 0) for n in ("attention_dropout", "resid_pdrop")) or not getattr(attn, "is_causal", True):
         return "dropout in attention or on the residual, or bidirectional attention"
     norms = _norms(layer)
