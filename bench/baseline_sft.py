@@ -11,7 +11,8 @@ pipeline (same chat template, same answer-only labels) and trained in the same a
   into rows of --max_length with per-sample attention; flash attention varlen here through torch's own
   kernel, as flash-attn is not installed) plus Liger's kernels (rms_norm, rope, swiglu, fused linear
   cross-entropy), gradient checkpointing kept.
-Prints one JSON line: tokens/s over the steps after the first, peak memory, final loss.
+sft's AdamW and learning-rate schedule (train.recipe.build_optimizer), so the per-step losses compare with the
+run's logging.jsonl. Prints one JSON line: tokens/s over the steps after the first, peak memory, the losses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tunesmith.model.resolve import resolve_model
 from tunesmith.data.template import IGNORE  # noqa: E402
 from tunesmith.data.cache import prepare  # noqa: E402
 from tunesmith.train.batches import batch_windows  # noqa: E402
+from tunesmith.train.recipe import build_optimizer  # noqa: E402
 
 GiB = 2**30
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script
@@ -98,8 +100,7 @@ def main():
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(args.adam_beta1, args.adam_beta2), fused=True)
+    optimizer, schedule = build_optimizer(model, args, a.max_steps)  # sft's AdamW and learning-rate schedule
     model.train()
     windows = batch_windows(len(data), args.per_device_train_batch_size, accumulation, args.seed)
     if DEVICE == "cuda":
@@ -119,6 +120,7 @@ def main():
                 total += out.loss.detach().item() * n / n_target
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
             if DEVICE == "cuda":
@@ -133,7 +135,8 @@ def main():
     print(json.dumps({"engine": a.engine, "steps": len(losses), "tokens_per_s": round(tokens / seconds, 1) if tokens else None,
                       "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if DEVICE == "cuda" else None,
                       "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2) if DEVICE == "cuda" else None,
-                      "final_loss": round(losses[-1], 4) if losses else None, "error": error}), flush=True)
+                      "final_loss": round(losses[-1], 4) if losses else None, "error": error,
+                      "losses": [round(x, 5) for x in losses]}), flush=True)
 
 
 if __name__ == "__main__":

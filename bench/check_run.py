@@ -3,6 +3,7 @@
     python bench/check_run.py clean LOG                 no traceback and no warning shown to the user
     python bench/check_run.py same RUN_A RUN_B [REL]    per-step training losses of two runs agree (logging.jsonl)
     python bench/check_run.py summary NAME LOG          one JSON line: wall, tokens/s, peak memory, final loss
+    python bench/check_run.py versus LOG BASELINE_JSON  per-step losses against bench/baseline_sft.py's (reported)
 
 Exits 1 with one line saying what failed.
 """
@@ -49,6 +50,17 @@ def same(a: str, b: str, rel: float = 0.02) -> None:
     print(f"{a} vs {b}: {len(la)} logged steps, largest loss difference {worst:.2e} (relative)")
 
 
+def versus(log: str, baseline: str) -> None:
+    """How far the run's per-step losses are from the baseline's (same windows, same schedule; bf16 and dropout
+    masks differ): reported, not failed, since the engines sum in different orders."""
+    ours = [x for _, x in losses(log)]
+    theirs = json.loads(Path(baseline).read_text().strip().splitlines()[-1])["losses"]
+    n = min(len(ours), len(theirs))
+    gaps = [abs(x - y) / max(abs(y), 1e-9) for x, y in zip(ours[:n], theirs[:n])]
+    print(f"{log} vs {baseline}: {n} steps, per-step loss within {max(gaps):.2e} (relative; mean {sum(gaps) / n:.2e}); "
+          f"final {ours[n - 1]:.4f} vs {theirs[n - 1]:.4f}")
+
+
 def summary(name: str, log: str) -> None:
     text = Path(log).read_text(errors="replace")
     lines = [json.loads(x) for x in (run_dir(log) / "logging.jsonl").read_text().splitlines() if x.strip()]
@@ -66,5 +78,5 @@ def summary(name: str, log: str) -> None:
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"clean": clean, "same": same, "summary": summary}[cmd](*[float(x) if i == 2 and cmd == "same" else x
+    {"clean": clean, "same": same, "summary": summary, "versus": versus}[cmd](*[float(x) if i == 2 and cmd == "same" else x
                                                                for i, x in enumerate(rest)])
