@@ -468,10 +468,14 @@ def _space_prefix(tokenizer: dict) -> bool:
                for s in steps)
 
 
-def _chat_template(model_dir: Path) -> str | None:
-    from transformers import AutoTokenizer
-
-    return getattr(AutoTokenizer.from_pretrained(model_dir), "chat_template", None)
+def _chat_template(model_dir: Path) -> str | list | None:
+    """The chat template where transformers' tokenizer finds it: chat_template.jinja first, then tokenizer_config.json's
+    "chat_template" (a string, or a list of named ones); read from the files, so no tokenizer is loaded for it."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
 
 
 def _add_special(w, gguf, model_dir: Path, n_tokens: int, merges: bool, chat_template: str | None) -> None:
