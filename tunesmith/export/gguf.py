@@ -190,7 +190,8 @@ def _write(model_dir: Path, src: Source, path: Path, gguf_type: str) -> int:
     arch = ARCHITECTURES[cfg["model_type"]]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(cfg.get("_name_or_path") or model_dir.name)
-    head_dim = _add_hparams(w, gguf, cfg, arch)
+    rope = _rope(cfg)
+    head_dim = _add_hparams(w, gguf, cfg, arch, rope)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[gguf_type]
     w.add_file_type(file_type)
@@ -200,7 +201,7 @@ def _write(model_dir: Path, src: Source, path: Path, gguf_type: str) -> int:
         _add_tokenizer(w, model_dir, cfg["vocab_size"], src.pre)
 
     written = 0
-    for name, data in _rope_tensors(gguf, cfg, head_dim):
+    for name, data in _rope_tensors(gguf, rope, head_dim):
         _add_tensor(w, gguf, name, data, gguf_type)
         written += 1
     for name, data in _tensors(model_dir, cfg, arch, gguf):
@@ -213,9 +214,8 @@ def _write(model_dir: Path, src: Source, path: Path, gguf_type: str) -> int:
     return written
 
 
-def _add_hparams(w, gguf, cfg: dict, arch: str) -> int:
+def _add_hparams(w, gguf, cfg: dict, arch: str, rope: dict) -> int:
     """The model's shape and its architecture's own keys, as llama.cpp reads them; returns head_dim."""
-    rope = _rope(cfg)
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     w.add_context_length(cfg["max_position_embeddings"])
@@ -268,9 +268,8 @@ def _n_experts(cfg: dict) -> int:
     return cfg.get("num_experts") or cfg["num_local_experts"]  # Qwen's name, and transformers 5's
 
 
-def _rope_tensors(gguf, cfg: dict, head_dim: int):
+def _rope_tensors(gguf, rope: dict, head_dim: int):
     """RoPE scaling that llama.cpp reads as tensors: Llama 3.1's rope_freqs, Phi-3's long and short factors."""
-    rope = _rope(cfg)
     if rope.get("rope_type") == "llama3":
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(rope, head_dim)
     if rope.get("rope_type") == "longrope":
@@ -469,10 +468,14 @@ def _space_prefix(tokenizer: dict) -> bool:
                for s in steps)
 
 
-def _chat_template(model_dir: Path) -> str | None:
-    from transformers import AutoTokenizer
-
-    return getattr(AutoTokenizer.from_pretrained(model_dir), "chat_template", None)
+def _chat_template(model_dir: Path) -> str | list | None:
+    """The chat template where transformers' tokenizer finds it: chat_template.jinja first, then tokenizer_config.json's
+    "chat_template" (a string, or a list of named ones); read from the files, so no tokenizer is loaded for it."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
 
 
 def _add_special(w, gguf, model_dir: Path, n_tokens: int, merges: bool, chat_template: str | None) -> None:
