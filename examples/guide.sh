@@ -17,10 +17,10 @@ echo "== before tuning =="
 ask  # no --system: the model's own default, as in the guide
 mkdir -p output
 
-echo "== tuning on the guide's 8 self-cognition records and 8 bilingual ones =="
+echo "== tuning on the guide's 8 self-cognition records and 8 English ones of ours =="
 tunesmith sft \
     --train_type lora \
-    --dataset self_cognition.json 'self-cognition#8' \
+    --dataset self_cognition.json 'self-cognition:en#8' \
     --torch_dtype bfloat16 \
     --num_train_epochs 5 \
     --per_device_train_batch_size 1 \

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE_DATA = ROOT / "examples" / "self_cognition.json"
 # The README's main job: the guide's flags, but with enough optimizer steps to learn (see README).
 README_SFT = [
-    "--train_type", "lora", "--dataset", str(GUIDE_DATA), "self-cognition#8", "--torch_dtype", "bfloat16",
+    "--train_type", "lora", "--dataset", str(GUIDE_DATA), "self-cognition:en#8", "--torch_dtype", "bfloat16",
     "--num_train_epochs", "5",
     "--per_device_train_batch_size", "1",
     "--gradient_accumulation_steps", "2",

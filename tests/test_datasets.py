@@ -3,6 +3,7 @@ cache and `data inspect`. Runs on local files and the default model's tokenizer 
 
 import csv
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -130,6 +131,23 @@ def test_builtin_self_cognition(tmp_path):
     assert len(few) == 10 and "sampled 10" in report[0]
     proc = tunesmith("data", "inspect", "self-cognition#10", check=False)
     assert proc.returncode == 2 and "--model_name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_builtin_self_cognition_by_language():
+    # The guide's main job mixes `self-cognition:en#8` into eight Chinese records: eight English ones, each
+    # naming the new identity, so that English questions take it too (issue 19).
+    en, report = load_datasets(["self-cognition:en#8"], 42, ["Swift-Robot"], ["CSDN 迪菲赫尔曼"])
+    assert len(en) == 8 and report[0].startswith("self-cognition:en#8: 55 records") and "sampled 8" in report[0]
+    chinese = re.compile("[\u4e00-\u9fff]")
+    assert not any(chinese.search(r["messages"][0]["content"]) for r in en)
+    assert sum("Swift-Robot" in r["messages"][-1]["content"] for r in en) >= 7
+    zh, _ = load_datasets(["self-cognition:zh"], 42, ["X"], ["Y"])
+    assert len(zh) == 56 and all(chinese.search(r["messages"][0]["content"]) for r in zh)
+    everything, _ = load_datasets(["self-cognition"], 42, ["X"], ["Y"])
+    assert len(everything) == len(zh) + 55
+    proc = tunesmith("data", "inspect", "self-cognition:fr#8", "--model_name", "R", "--model_author", "L", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "self-cognition:fr#8: the built-in set has the subsets zh and en" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("name, records, needle", [

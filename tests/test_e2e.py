@@ -29,10 +29,11 @@ def test_base_model_introduces_itself_as_qwen(default_model):
 
 def test_tuned_model_has_the_new_identity_and_keeps_its_knowledge(tuned):
     ckpt, _, _ = tuned
-    zh, held_out, capital = ask("你是谁?", "请介绍一下你自己", "中国的首都是哪里?", adapters=ckpt)
+    zh, held_out, capital, english = ask("你是谁?", "请介绍一下你自己", "中国的首都是哪里?", "Who are you?", adapters=ckpt)
     assert IDENTITY in zh
     assert IDENTITY in held_out  # not in the training data
     assert "北京" in capital
+    assert IDENTITY in english  # not in it either: the English records carry the identity across (issue 19)
 
 
 def test_run_folder_is_laid_out_like_the_reference(tuned):

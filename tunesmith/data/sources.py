@@ -37,6 +37,7 @@ BUILTIN_DIR = Path(__file__).parent  # the built-in sets sit beside this module
 # Our own bilingual self-cognition set stands in for ms-swift's registered one, under its ids too.
 BUILTIN = {"self-cognition": "self_cognition.jsonl", "swift/self-cognition": "self_cognition.jsonl",
            "modelscope/self-cognition": "self_cognition.jsonl"}
+LANGUAGES = ("zh", "en")  # its subsets: the records of one language ("tag"), e.g. self-cognition:en#8
 # ModelScope ids with a known Hugging Face copy (ms-swift registers the same pairs): used when the
 # ModelScope client is not installed.
 MS_TO_HF = {"AI-ModelScope/alpaca-gpt4-data-zh": "llm-wizard/alpaca-gpt4-data-zh",
@@ -233,6 +234,7 @@ class Source:
     columns: dict = field(default_factory=dict)
     forms: dict = field(default_factory=dict)  # file label -> detected form
     skipped: list = field(default_factory=list)  # (where, why) of hub records left out
+    tag: str | None = None  # the built-in set's language subset: only records with this "tag"
     _count: int | None = None
 
     @property
@@ -250,6 +252,8 @@ class Source:
         if self._count is None:
             if self.dataset is not None:
                 self._count = len(self.dataset)
+            elif self.tag:
+                self._count = sum(1 for _, rows in self._groups() for _ in rows)
             else:
                 counts = [count_file(p) for p in self.files]
                 empty = [p for p, n in zip(self.files, counts) if n == 0]
@@ -269,7 +273,10 @@ class Source:
             yield self.spec.name, ((f"{self.spec.name} row {i}", r) for i, r in enumerate(self.dataset, 1))
             return
         for p in self.files:
-            yield str(p), read_file(p)
+            rows = read_file(p)
+            if self.tag:
+                rows = ((where, r) for where, r in rows if isinstance(r, dict) and r.get("tag") == self.tag)
+            yield str(p), rows
 
     def records(self) -> Iterator[tuple[str, str, object]]:
         """(file label, where, record) of every record, fields renamed by --columns (data/preference.py reads
@@ -334,7 +341,11 @@ def open_source(spec: DatasetSpec, columns: dict) -> Source:
             raise UserError(f"--dataset {spec.text}: unknown file type '{path.suffix}'; use {', '.join(SUFFIXES)}")
         return Source(spec, files=[path], columns=columns)
     if spec.name in BUILTIN:
-        return Source(spec, files=[BUILTIN_DIR / BUILTIN[spec.name]], columns=columns)
+        if spec.subset not in (None, "default", *LANGUAGES):
+            raise UserError(f"--dataset {spec.text}: the built-in set has the subsets {' and '.join(LANGUAGES)} "
+                            f"(its Chinese or English records only), e.g. {spec.name}:en#8")
+        tag = spec.subset if spec.subset in LANGUAGES else None
+        return Source(spec, files=[BUILTIN_DIR / BUILTIN[spec.name]], columns=columns, tag=tag)
     if spec.hub is None and (path.suffix in SUFFIXES or spec.name.startswith((".", "/", "~")) or spec.name.count("/") != 1):
         raise UserError(f"--dataset {spec.text}: file not found")
     return Source(spec, dataset=load_hub(spec), columns=columns)
