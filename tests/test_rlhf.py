@@ -430,3 +430,18 @@ def test_ctrl_c_then_resume_continues_the_same_dpo_run(tiny, sft_adapter, tmp_pa
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), f"{a['global_step/max_steps']} {k}"
     assert_same_adapter(Path(resumed.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]),
                         Path(reference.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]))
+
+
+def test_self_cognition_dpo_from_an_sft_checkpoint_answers_with_its_system_prompt(talking, tmp_path):
+    """rlhf --adapters CKPT trains with CKPT's system prompt: the base model's answers (the rejected ones) are
+    generated with it too, and found again when training reads them (they were generated without it, and the
+    run stopped: 'the base model's answers are not generated yet')."""
+    env = {"TUNESMITH_HOME": str(tmp_path / "home")}
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"query": q, "response": c} for q, c, _ in PAIRS])
+    sft = tunesmith("sft", "--model", talking, "--dataset", data, "--max_steps", "1", "--system", "You are Tuney.",
+                    "--output_dir", tmp_path / "sft", env_extra=env)
+    ckpt = sft.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]
+    proc = tunesmith("rlhf", "--rlhf_type", "dpo", "--adapters", ckpt, "--dataset", "self-cognition-dpo", *COMMON,
+                     "--max_steps", "1", "--model_name", "Tuney", "--model_author", "the tunesmith team",
+                     "--output_dir", tmp_path / "out", env_extra=env)
+    assert "the base model answers the" in proc.stderr and logged_steps(proc.stdout)
