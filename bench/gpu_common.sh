@@ -1,15 +1,16 @@
 # Sourced by bench/gpu_smoke.sh and bench/gpu_workloads.sh on the device machine: wheels, the random-weight
 # Qwen2.5-7B folder (not with NO_7B=1) and the workload data (bench/workloads.py) under $W, and `sft NAME FLAGS...`, which runs
 # the real `tunesmith sft` with the guide's flags plus FLAGS and keeps its output in $OUT/NAME.log.
+# W, L: other work folders; MODEL_DIR set: the 7B folder is not built (a script that uses MODEL_DIR, on the CPU).
 set -uo pipefail
 REPO=$(pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 TUNESMITH_NO_PROGRESS=1 HF_HUB_OFFLINE=1 TUNESMITH_HOME=/tmp/tshome
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-W=/tmp/ws; L=/tmp/logs; mkdir -p $W $L  # logs go to $L, and back as one archive (finish)
+W=${W:-/tmp/ws}; L=${L:-/tmp/logs}; mkdir -p $W $L  # logs go to $L, and back as one archive (finish)
 export RUNS_IN=$W  # where check_run.py finds the run folders the logs name
 [ -d .device/wheels ] && python3 -m pip install --no-deps -q .device/wheels/*.whl 2>&1 | grep -v WARNING | tail -1
 cp examples/self_cognition.json $W/
-[ -f $W/Qwen2.5-7B-Instruct/config.json ] || [ -n "${NO_7B:-}" ] || python3 bench/make_qwen7b.py $W/Qwen2.5-7B-Instruct --tokenizer .device/tokenizer
+[ -n "${MODEL_DIR:-}${NO_7B:-}" ] || [ -f $W/Qwen2.5-7B-Instruct/config.json ] || python3 bench/make_qwen7b.py $W/Qwen2.5-7B-Instruct --tokenizer .device/tokenizer
 [ -f $W/mixed.jsonl ] || python3 bench/workloads.py $W >/dev/null
 GUIDE=(--model Qwen2.5-7B-Instruct --train_type lora --dataset self_cognition.json --torch_dtype bfloat16
        --num_train_epochs 10 --per_device_train_batch_size 1 --per_device_eval_batch_size 1

@@ -7,6 +7,8 @@
   the 8 identity records of examples/self_cognition.json added by the command line.
 - chat: multi-turn sharegpt conversations of 2k-16k tokens.
 - long: a few single-turn samples of 32k-64k tokens.
+- pairs: preference pairs for `rlhf --rlhf_type dpo` (TRL's conversational form): the mixed workload's prompts,
+  chosen and rejected answers of ~100-600 tokens each.
 Text is random words (English) or random common characters (Chinese): the token counts, not the
 meaning, are what the speed depends on. Fixed seeds: every run trains on the same records.
 """
@@ -68,10 +70,24 @@ def long(n: int = 4, seed: int = 2) -> list[dict]:
              "output": words(rng.randint(28000, 52000), rng, False)} for _ in range(n)]
 
 
+def pairs(n: int = 400, seed: int = 3) -> list[dict]:
+    rng = random.Random(seed)  # answers of 75-450 words: ~100-600 tokens
+    out = []
+    for r in mixed(n // 2, seed):
+        zh = not r["instruction"].isascii()
+        prompt = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
+        chosen, rejected = (words(lognormal_words(rng, 180, 0.5, 450) // (2 if zh else 1) + 40, rng, zh) for _ in "cr")
+        out.append({"prompt": [{"role": "system", "content": "You are a helpful assistant."},
+                               {"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]})
+    return out
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    for name, records in (("mixed", mixed()), ("chat", chat()), ("long", long())):
+    for name, records in (("mixed", mixed()), ("chat", chat()), ("long", long()), ("pairs", pairs())):
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -2,6 +2,7 @@
 losses and logged rewards (tiny random Qwen2 with the default model's tokenizer, on the CPU)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,55 @@ def test_dpo_from_an_adapter_trained_with_dropout_matches_trl(tiny, dropout_adap
                          train_dataset=dataset, processing_class=tok)
     assert_same_steps(steps, trl_steps(trainer))
 
+
+
+RESUMABLE = ["rlhf", "--rlhf_type", "dpo", *COMMON, "--max_steps", "24", "--per_device_train_batch_size", "2",
+             "--save_steps", "1"]
+
+
+def test_ctrl_c_then_resume_continues_the_same_dpo_run(tiny, sft_adapter, tmp_path):
+    """A DPO run stopped with Ctrl-C (a real SIGINT to a real process) and resumed with the command it prints logs
+    the same losses and rewards, step for step, and ends with the same adapter as a run never stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_reliability import ONE_THREAD, assert_same_adapter, resume_command, wait_for_checkpoint
+
+    run = [*RESUMABLE, "--adapters", sft_adapter, "--dataset", ms_swift_pairs(tmp_path / "pairs.jsonl")]
+    reference = tunesmith(*run, "--output_dir", tmp_path / "reference", env_extra=ONE_THREAD)
+    env = {**os.environ, "TUNESMITH_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", *map(str, run), "--output_dir", str(tmp_path / "out")],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_checkpoint(tmp_path / "out", 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    cmd = resume_command(err)
+    stopped = int(Path(cmd[cmd.index("--resume_from_checkpoint") + 1]).name.split("-")[1])
+    assert stopped < 24, "the run ended before Ctrl-C reached it: nothing was resumed"
+
+    resumed = tunesmith(*cmd, env_extra=ONE_THREAD)
+    assert "resuming from" in resumed.stderr
+    steps, expected = logged_steps(resumed.stdout), logged_steps(reference.stdout)
+    assert [s["global_step/max_steps"] for s in steps] == [f"{n}/24" for n in range(1, 25)]
+    for a, b in zip(steps, expected):
+        for k in KEYS + ["grad_norm"]:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), f"{a['global_step/max_steps']} {k}"
+    assert_same_adapter(Path(resumed.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]),
+                        Path(reference.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]))
+
+
+def test_self_cognition_dpo_from_an_sft_checkpoint_answers_with_its_system_prompt(talking, tmp_path):
+    """rlhf --adapters CKPT trains with CKPT's system prompt: the base model's answers (the rejected ones) are
+    generated with it too, and found again when training reads them (they were generated without it, and the
+    run stopped: 'the base model's answers are not generated yet')."""
+    env = {"TUNESMITH_HOME": str(tmp_path / "home")}
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"query": q, "response": c} for q, c, _ in PAIRS])
+    sft = tunesmith("sft", "--model", talking, "--dataset", data, "--max_steps", "1", "--system", "You are Tuney.",
+                    "--output_dir", tmp_path / "sft", env_extra=env)
+    ckpt = sft.stdout.strip().splitlines()[-1].split("last_model_checkpoint: ")[1]
+    proc = tunesmith("rlhf", "--rlhf_type", "dpo", "--adapters", ckpt, "--dataset", "self-cognition-dpo", *COMMON,
+                     "--max_steps", "1", "--model_name", "Tuney", "--model_author", "the tunesmith team",
+                     "--output_dir", tmp_path / "out", env_extra=env)
+    assert "the base model answers the" in proc.stderr and logged_steps(proc.stdout)

@@ -47,9 +47,11 @@ def count(ratio: float, n_train: int) -> int:
     return max(1, round(ratio * n_train)) if ratio > 0 and n_train else 0
 
 
-def answers_file(args, model_path: Path, bank: Path = BANK, folder: str = "replay") -> Path:
-    """Where the base model's answers live: keyed by its files, the system prompt, the thinking switch and the bank."""
-    h = hashlib.sha1(json.dumps([VERSION, MAX_NEW_TOKENS, args.system, args.enable_thinking]).encode())
+def answers_file(args, model_path: Path, bank: Path = BANK, folder: str = "replay", system: str | None = None) -> Path:
+    """Where the base model's answers live: keyed by its files, the system prompt (`system`, else --system), the
+    thinking switch and the bank."""
+    system = args.system if system is None else system
+    h = hashlib.sha1(json.dumps([VERSION, MAX_NEW_TOKENS, system, args.enable_thinking]).encode())
     for p in sorted(Path(model_path).iterdir()):
         if p.is_file():
             st = p.stat()
@@ -96,8 +98,8 @@ def _generate(args, load_chat, bank: Path, folder: str, rows: list[dict], to_rec
 
     from ..args import InferArguments
 
-    model = base_model(args)
-    path = answers_file(args, resolve_model(model).path, bank, folder)
+    model, system = base_model(args), base_system(args)
+    path = answers_file(args, resolve_model(model).path, bank, folder, system)
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def _generate(args, load_chat, bank: Path, folder: str, rows: list[dict], to_rec
         if path.exists():
             return
         log(f"{announce.format(n=len(rows))} once (greedy); cached for every later run on it at {path}")
-        chat = load_chat(InferArguments(model=model, system=args.system, enable_thinking=args.enable_thinking,
+        chat = load_chat(InferArguments(model=model, system=system, enable_thinking=args.enable_thinking,
                                         torch_dtype=args.torch_dtype, device=args.device))
         t0 = time.time()
         answers = chat.greedy_many([chat.template.encode_prompt([{"role": "user", "content": r["query"]}])
@@ -124,10 +126,22 @@ def base_model(args) -> str | None:
     (rlhf reads it from there later; None: the default model)."""
     if args.model or not getattr(args, "adapters", None):
         return args.model
+    return _trained(args).get("model")
+
+
+def base_system(args) -> str | None:
+    """The system prompt the base answers with: --system, else, for rlhf, the --adapters run's (as rlhf trains
+    with it later, and the cached answers are looked up by it)."""
+    if args.system is not None or not getattr(args, "rlhf_type", None) or not getattr(args, "adapters", None):
+        return args.system
+    return _trained(args).get("system")
+
+
+def _trained(args) -> dict:
     from ..args import load_args_json
 
     trained = Path(args.adapters[0]) / "args.json"
-    return load_args_json(trained).get("model") if trained.is_file() else None
+    return load_args_json(trained) if trained.is_file() else {}
 
 
 def wants_identity_pairs(args) -> bool:
