@@ -75,13 +75,16 @@ class Plan:
 
     steps: dict
     state: dict  # global_step, log_history, data_fingerprint (and the checkpoint when resuming)
-    checkpoint: Path | None
     device: str
     longest_row: int
 
     @property
     def max_steps(self) -> int:
         return self.steps["max_steps"]
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.state.get("checkpoint")
 
 
 @dataclass
@@ -145,7 +148,7 @@ def plan_run(args: SftArguments, inputs: Inputs, method, par) -> Plan:
     longest_row = _longest_row(inputs.train_set, args, steps["accumulation"], length)
     device = par.device(args.device)
     planner.check_fits(args, inputs.resolved.path, longest_row, device, par.world)  # before any weights load
-    return Plan(steps, state, ckpt, device, longest_row)
+    return Plan(steps, state, device, longest_row)
 
 
 def build(args: SftArguments, method, inputs: Inputs, plan: Plan, par, marks: dict) -> Parts:
