@@ -66,3 +66,13 @@ def test_staged_load_reserves_no_second_copy(default_model, monkeypatch):
     load_model(default_model, torch.float32, "cpu")  # (CPU loads take no device map: warm-up not asked for)
     modeling_utils.caching_allocator_warmup(None, {}, None)
     assert len(calls) == 1  # the warm-up is back for every other load
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_machine_without_cuda_starts_no_kernel_build_workers(default_model, tmp_path, monkeypatch):
+    """The workers build Triton kernels for a CUDA GPU: without one (Triton installed or not) none is launched."""
+    from tunesmith.engine import kernel_cache
+
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))  # the markers go here, not to the user's cache
+    assert kernel_cache.start(default_model, {"lora_rank": 8}, workers=2) == []
+    assert not (tmp_path / "kernels").exists()

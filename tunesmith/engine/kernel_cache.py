@@ -67,15 +67,26 @@ def built(folder: Path) -> bool:
     return any(all(f"ok-{k}-of-{n}" in names for k in range(n)) for n in range(1, 7))
 
 
+def usable() -> bool:
+    """The workers' kernels run here: a CUDA GPU, and Triton to build for it."""
+    import torch
+
+    from . import kernels
+
+    return torch.cuda.is_available() and kernels.available()
+
+
 def start(model_dir: Path, args: dict, workers: int) -> list[subprocess.Popen]:
     """Launch the workers (detached from the terminal: they say nothing) unless the kernels are built;
-    they are stopped when this process exits."""
+    they are stopped when this process exits. A machine without CUDA or Triton has none to build, and starts none."""
+    if workers < 1 or not usable():
+        return []
     try:
         config = json.loads((model_dir / "config.json").read_text())
         done = marker(config, args)
     except (OSError, ValueError):
         return []
-    if workers < 1 or built(done):
+    if built(done):
         return []
     job = json.dumps({"model": str(model_dir), "args": args, "workers": workers, "marker": str(done),
                       "parent": os.getpid()})
