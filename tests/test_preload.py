@@ -76,3 +76,23 @@ def test_a_machine_without_cuda_starts_no_kernel_build_workers(default_model, tm
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))  # the markers go here, not to the user's cache
     assert kernel_cache.start(default_model, {"lora_rank": 8}, workers=2) == []
     assert not (tmp_path / "kernels").exists()
+
+
+def test_kernel_set_markers_are_apart_for_each_triton_cache_and_setting(tmp_path, monkeypatch):
+    """A marker says one Triton cache holds one kernel set: another cache, or another adapter, is not built."""
+    pytest.importorskip("triton")
+    from tunesmith.engine import kernel_cache
+
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
+    config = {"model_type": "qwen2", "hidden_size": 64}
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "a"))
+    first = kernel_cache.marker(config, {"lora_rank": 8})
+    assert kernel_cache.marker(config, {"lora_rank": 8}) == first and first.parent == tmp_path / "kernels"
+    assert kernel_cache.marker(config, {"lora_rank": 16}) != first
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "b"))
+    assert kernel_cache.marker(config, {"lora_rank": 8}) != first
+    monkeypatch.delenv("TRITON_CACHE_DIR")  # Triton's cache then lies under TRITON_HOME
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "c"))
+    third = kernel_cache.marker(config, {"lora_rank": 8})
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "d"))
+    assert kernel_cache.marker(config, {"lora_rank": 8}) != third

@@ -37,9 +37,9 @@ def workers_for(cpus: int | None, free_gpu_bytes: int, model_bytes: int) -> int:
 
 
 def marker(config: dict, args: dict) -> Path:
-    """The file that says this kernel set is built: our kernels' source, Triton's version and cache folder,
-    and what of the model and the adapter decides the kernels' variants."""
-    from importlib.metadata import version
+    """The folder whose ok-* files say this kernel set is built, named for our kernels' source, Triton's version
+    and cache folder, and what of the model and the adapter decides the kernels' variants."""
+    import triton
 
     from ..model.resolve import cache_root
 
@@ -47,11 +47,9 @@ def marker(config: dict, args: dict) -> Path:
     h = hashlib.sha256()
     for f in sorted(engine.glob("*.py")):
         h.update(f.read_bytes())
-    try:
-        h.update(version("triton").encode())
-    except Exception:
-        return cache_root() / "kernels" / "unknown"
-    h.update(os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache").encode())
+    # the module's own version: under another distribution name (pytorch-triton) all runs shared one marker
+    h.update(triton.__version__.encode())
+    h.update(_triton_cache_dir().encode())
     keys = ["model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
             "rms_norm_eps", "torch_dtype", "dtype"]
     h.update(json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str).encode())
@@ -59,6 +57,17 @@ def marker(config: dict, args: dict) -> Path:
              "use_liger", "packing_window", "gradient_checkpointing"]
     h.update(json.dumps({k: args.get(k) for k in flags}, sort_keys=True, default=str).encode())
     return cache_root() / "kernels" / h.hexdigest()[:16]
+
+
+def _triton_cache_dir() -> str:
+    """Where Triton keeps its compiled kernels (TRITON_CACHE_DIR, else under TRITON_HOME or ~)."""
+    try:
+        from triton import knobs  # Triton 3.4 and later
+    except ImportError:
+        from triton.runtime.cache import default_cache_dir
+
+        return os.environ.get("TRITON_CACHE_DIR", "").strip() or default_cache_dir()
+    return str(knobs.cache.dir)
 
 
 def built(folder: Path) -> bool:
