@@ -67,6 +67,24 @@ def test_a_family_exported_to_gguf_gives_transformers_logits_in_llama_cpp(kind, 
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+def test_the_gguf_carries_the_chat_template_transformers_serves(tmp_path, default_model):
+    """A folder with two templates (chat_template.jinja and an older one in tokenizer_config.json): the GGUF carries
+    the one transformers' tokenizer reads, which is the one sft trained and infer serves."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama"
+    tiny("llama", folder, default_model)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{{ 'an older template' }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    served = AutoTokenizer.from_pretrained(folder).chat_template
+    assert served == (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    tunesmith("export", "--model", folder, "--to_gguf", "true", "--gguf_type", "f32", "--output_dir", tmp_path / "gguf")
+    field = gguf.GGUFReader(str(tmp_path / "gguf" / "model-f32.gguf")).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == served
+
+
 # ---------------------------------------------------------------------------------------------
 # SentencePiece-style families (Gemma 2, Gemma 3, Phi-3) and Qwen3-MoE: f16 greedy tokens as transformers', q8_0 runs
 

@@ -483,7 +483,7 @@ def _add_special(w, gguf, model_dir: Path, n_tokens: int, merges: bool, chat_tem
     special = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_tokens)
     if merges and not special.merges:
         raise UserError(f"--to_gguf: {model_dir}/tokenizer.json has no BPE merges; only byte-level BPE tokenizers are supported")
-    if special.chat_template is None and chat_template:
+    if chat_template:  # the template training and inference use (transformers' order), not gguf's own pick
         special.chat_template = chat_template
     special.add_to_gguf(w, quiet=True)
 
