@@ -43,15 +43,16 @@ from tunesmith.data.template import IGNORE, Encoded  # noqa: E402
 from tunesmith.train.recipe import add_lora, build_optimizer, prepare_model  # noqa: E402
 from tunesmith.train.batches import loss_of, micro_batches
 
-from make_qwen7b import QWEN25_7B  # noqa: E402
+from make_qwen7b import SHAPES  # noqa: E402
 
 GiB = 2**30
 
 
-def build_model(layers: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def build_model(layers: int, family: str = "qwen2"):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = Qwen2Config(**dict(QWEN25_7B, num_hidden_layers=layers, max_window_layers=layers))
+    shape = dict(SHAPES[family], num_hidden_layers=layers, **({"max_window_layers": layers} if family == "qwen2" else {}))
+    cfg = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -197,6 +198,7 @@ def longest(base, kind: str, share: float, lengths: list[int], deadline: float) 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--family", choices=list(SHAPES), default="qwen2", help="another family's 8B-class shape (make_qwen7b.py)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--engines", default="hf_gc,hf,tsgraph_fit,tsgraph_gc0,ts_fit,ts_gc0,tsplain_gc0")
@@ -223,7 +225,7 @@ def main():
     info["attention"] = "flash (aten._flash_attention_forward, native GQA)"
     print(json.dumps(info), flush=True)
     t0 = time.time()
-    base = build_model(a.layers)
+    base = build_model(a.layers, a.family)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"model: {n_params / 1e9:.2f} B params, built in {time.time() - t0:.0f} s", flush=True)
     batches = [chat_samples(a.seq, seed=i) for i in range(a.steps + 3)]

@@ -83,15 +83,17 @@ def norm_and_rope(device: str) -> None:
     torch.manual_seed(3)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
-    x = torch.randn(9, 96, device=device, dtype=dtype, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
-    xf = x.float()
-    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
-    dy = torch.randn_like(ref)
-    (ref_dx,) = torch.autograd.grad(ref, x, dy)
-    y, rstd = kernels.rms_norm(x.detach(), w, 1e-6)
-    torch.testing.assert_close(y.float(), ref.float(), **tol)
-    torch.testing.assert_close(kernels.rms_norm_backward(dy, x.detach(), w, rstd).float(), ref_dx.float(), **tol)
+    for rows, n in ((9, 96), (77, 128), (5, 3584)):  # a hidden row; q/k heads, many to a program, a part-filled last
+        x = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(n, device=device)).to(dtype)
+        xf = x.float()
+        ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        dy = torch.randn_like(ref)
+        (ref_dx,) = torch.autograd.grad(ref, x, dy)
+        y, rstd = kernels.rms_norm(x.detach(), w, 1e-6)
+        torch.testing.assert_close(y.float(), ref.float(), **tol)
+        torch.testing.assert_close(rstd, torch.rsqrt(xf.detach().pow(2).mean(-1) + 1e-6), **tol)
+        torch.testing.assert_close(kernels.rms_norm_backward(dy, x.detach(), w, rstd).float(), ref_dx.float(), **tol)
     T, H, D = 7, 3, 16
     q = torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=True)
     angles = torch.randn(T, D // 2, device=device)

@@ -271,7 +271,7 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
     if lean:
         lora_linear.use_lean_lora(m)
     if layers:
-        assert decoder_layer.use_lean_layers(m, max_length=64) == len(checkpointing.decoder_layers(m))  # (samples: < 40)
+        assert decoder_layer.use_lean_layers(m) == len(checkpointing.decoder_layers(m))  # (samples: < 40)
         for layer in checkpointing.decoder_layers(m):
             layer._tunesmith_recompute = level
     checkpointing.checkpoint_layers(m, share, preserve_rng=False)
@@ -505,7 +505,7 @@ def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family
     m = add_lora(tiny_family(family), args)
     attention.use_document_attention(m.get_base_model())
     lora_linear.use_lean_lora(m)
-    assert decoder_layer.use_lean_layers(m, max_length=64) == SHAPE["num_hidden_layers"]
+    assert decoder_layer.use_lean_layers(m) == SHAPE["num_hidden_layers"]
     m.train()
     attend = attention.varlen_attention
     monkeypatch.setattr(attention, "varlen_attention", lambda *a: _FlashLike.apply(*a, attend))

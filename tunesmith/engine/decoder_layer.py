@@ -456,12 +456,12 @@ def sliding_window(attn) -> int | None:
     return getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None)) or None
 
 
-def fallback_reason(layer, max_length: int | None = None) -> str | None:
+def fallback_reason(layer) -> str | None:
     """Why this decoder layer (base model, before LoRA) stays on transformers' layer, or None: it runs lean.
     Lean: a llama/qwen2-style layer (Phi-3's fused projections, Gemma's four (1 + w) norms and GeGLU, OLMo 2's
     norms after attention and MLP only, too), RMSNorms (q/k norms too, per head or over all heads), causal attention
     without dropout or logit softcapping (which the flash kernels lack), full or over a sliding window (Mistral's,
-    Gemma's and Qwen's sliding layers). `max_length` is no longer needed here; kept for the callers."""
+    Gemma's and Qwen's sliding layers)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or getattr(attn, "config", None) is None:
         return "not a decoder layer of the lean kind"
@@ -483,8 +483,8 @@ def fallback_reason(layer, max_length: int | None = None) -> str | None:
     return None if shape_ok else "a layer layout the lean layer does not know"
 
 
-def supported(layer, max_length: int | None = None) -> bool:
-    return fallback_reason(layer, max_length) is None
+def supported(layer) -> bool:
+    return fallback_reason(layer) is None
 
 
 def lean_note(count: int, reasons: list) -> str:
@@ -501,12 +501,12 @@ def lean_note(count: int, reasons: list) -> str:
     return f"lean decoder layers ({count} of {len(reasons)}; {rest})"
 
 
-def use_lean_layers(model, max_length: int | None = None) -> int:
+def use_lean_layers(model) -> int:
     """Route the decoder layers whose projections all carry LoRA (after lora_linear.use_lean_lora) through
     layer_forward; returns how many."""
     count = 0
     for layer in checkpointing.decoder_layers(model):
-        if not supported(layer, max_length) or hasattr(layer, "_tunesmith_plain_layer"):
+        if not supported(layer) or hasattr(layer, "_tunesmith_plain_layer"):
             continue
         mods = [m for group in _inputs(layer) for m, _ in group]
         if not all(is_lora_linear(m) and hasattr(m, "_tunesmith_seed") for m in mods):

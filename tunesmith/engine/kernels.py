@@ -225,7 +225,8 @@ def rms_norm(x, w, eps: float):
     T, N = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(T, dtype=torch.float32, device=x.device)
-    _lora_kernels()[4][(T,)](x, w, y, rstd, N, eps, BLOCK=next_pow2(N))
+    block, rows = _norm_tile(N)
+    _lora_kernels()[4][((T + rows - 1) // rows,)](x, w, y, rstd, T, N, eps, BLOCK=block, ROWS=rows)
     return y, rstd
 
 
@@ -234,8 +235,15 @@ def rms_norm_backward(dy, x, w, rstd):
 
     T, N = x.shape
     dx = torch.empty_like(x)
-    _lora_kernels()[5][(T,)](dy.contiguous(), x, w, rstd, dx, N, BLOCK=next_pow2(N))
+    block, rows = _norm_tile(N)
+    _lora_kernels()[5][((T + rows - 1) // rows,)](dy.contiguous(), x, w, rstd, dx, T, N, BLOCK=block, ROWS=rows)
     return dx
+
+
+def _norm_tile(n: int) -> tuple[int, int]:
+    """(columns, rows) of one norm program: a hidden-size row alone, short rows (q/k heads) 2048 elements at once."""
+    block = next_pow2(n)
+    return block, max(1, min(64, 2048 // block))
 
 
 def rope(x, cos, sin, backward: bool = False):

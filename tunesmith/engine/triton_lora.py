@@ -117,32 +117,35 @@ def mask_kernel(out_ptr, T, K, seed_ptr, offset, threshold, BT: tl.constexpr, BK
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], m.to(tl.float32), mask=(rows[:, None] < T) & (cols[None, :] < K))
 
 
-@triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["T"])  # (a packed row's length varies: one build for all)
+def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, T, N, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    # ROWS rows per program: a short row (a q/k head of 128) alone would leave most of the program idle
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    inside = cols < N
-    x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * N + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=inside)
-    tl.store(rstd_ptr + row, rstd)
+    inside = (rows[:, None] < T) & (cols[None, :] < N)
+    at = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+    normed = (x * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + at, (normed * w[None, :]).to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < T)
 
 
-@triton.jit
-def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["T"])
+def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, T, N, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    inside = cols < N
-    x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + row)
-    normed = x * rstd
-    dn = dy * w
-    dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=0) / N))
-    tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+    inside = (rows[:, None] < T) & (cols[None, :] < N)
+    at = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < T, other=0.0)
+    normed = x * rstd[:, None]
+    dn = dy * w[None, :]
+    dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / N)[:, None])
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit

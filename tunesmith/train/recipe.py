@@ -251,7 +251,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         notes.append("packed windows with per-sample attention")
     layers = checkpointing.decoder_layers(model)
     kind = getattr(model.config, "model_type", "")
-    reasons = [decoder_layer.fallback_reason(layer, args.max_length) for layer in layers]  # None: the layer runs lean
+    reasons = [decoder_layer.fallback_reason(layer) for layer in layers]  # None: the layer runs lean
     lean_layers = planner.lean_layers_apply(args, kind) and None in reasons
     if device.startswith("cuda") and args.use_liger and not lean_layers:  # lean layers bring their own
         kernels = patches.apply_liger(model, swiglu=not args.lean_lora)  # the lean MLP fuses its own SwiGLU
@@ -262,7 +262,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         n = lora_linear.use_lean_lora(model)
         notes += [f"lean LoRA on {n} projections"] if n else []
         lean = lora_linear.all_lean(model)
-        lean_layers = lean_layers and decoder_layer.use_lean_layers(model, args.max_length)
+        lean_layers = lean_layers and decoder_layer.use_lean_layers(model)
         notes += [decoder_layer.lean_note(lean_layers, reasons)] if lean_layers else []
         if not lean_layers and args.packing_window and any(reasons):  # the family's own layers: say why
             why = "; ".join(dict.fromkeys(filter(None, reasons)))  # each reason once
