@@ -9,8 +9,10 @@ default model (same Qwen2.5 vocabulary).
 --family builds another family's 8B-class shape instead, on the same tokenizer (so each vocabulary is at least
 the tokenizer's 151,665 ids: Llama 3.1's 128,256 becomes Qwen's 151,936; the others keep their own):
 qwen3 (Qwen3-8B: q/k norms, head_dim 128), llama (Llama-3.1-8B: llama3 RoPE scaling), gemma3_text (Gemma-3-12B:
-five sliding-window layers of 1,024 tokens to one global, (1 + w) norms, GeGLU, tied 262k embeddings) and phi3
-(Phi-4-mini: fused qkv/gate_up, partial rotary 0.75, longrope with made-up factors, tied 200k embeddings).
+five sliding-window layers of 1,024 tokens to one global, (1 + w) norms, GeGLU, tied 262k embeddings), phi3
+(Phi-4-mini: fused qkv/gate_up, partial rotary 0.75, longrope with made-up factors, tied 200k embeddings) and glm4
+(GLM-4-9B-0414: fused gate_up, q/k/v biases, four norms a layer, interleaved partial rotary 0.5, 2 kv heads; its 151,552
+ids become Qwen's 151,936).
 """
 
 import argparse
@@ -62,7 +64,16 @@ PHI4_MINI = {
                         "long_factor": [1.0 + i / 8 for i in range(48)]},
     "torch_dtype": "bfloat16", "use_cache": True,
 }
-SHAPES = {"qwen2": QWEN25_7B, "qwen3": QWEN3_8B, "llama": LLAMA31_8B, "gemma3_text": GEMMA3_12B, "phi3": PHI4_MINI}
+GLM4_9B = {
+    "architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2,
+    "head_dim": 128, "max_position_embeddings": 32768, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    "attention_bias": True, "attention_dropout": 0.0, "tie_word_embeddings": False, "vocab_size": 151936,
+    "torch_dtype": "bfloat16", "use_cache": True,
+}
+SHAPES = {"qwen2": QWEN25_7B, "qwen3": QWEN3_8B, "llama": LLAMA31_8B, "gemma3_text": GEMMA3_12B, "phi3": PHI4_MINI,
+          "glm4": GLM4_9B}
 QWEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}  # the tokenizer's
 
 

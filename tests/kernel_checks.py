@@ -103,6 +103,12 @@ def norm_and_rope(device: str) -> None:
     (ref_dq,) = torch.autograd.grad(ref, q, g)
     torch.testing.assert_close(kernels.rope(q.detach(), cos, sin).float(), ref.float(), **tol)
     torch.testing.assert_close(kernels.rope(g, cos, sin, backward=True).float(), ref_dq.float(), **tol)
+    # GLM's interleaved pairs (its apply_rotary_pos_emb: the first half of cos/sin, each angle twice)
+    c2, s2 = (t[:, None, :D // 2].repeat_interleave(2, -1) for t in (cos, sin))
+    ref = q * c2 + torch.stack((-q[..., 1::2], q[..., 0::2]), -1).flatten(-2) * s2
+    (ref_dq,) = torch.autograd.grad(ref, q, g)
+    torch.testing.assert_close(kernels.rope(q.detach(), cos, sin, interleaved=True).float(), ref.float(), **tol)
+    torch.testing.assert_close(kernels.rope(g, cos, sin, True, True).float(), ref_dq.float(), **tol)
 
 
 def lean_layers(device: str) -> None:

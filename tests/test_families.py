@@ -22,6 +22,7 @@ FAMILIES = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}),  # Llama 3.1's RoPE scaling
     "mistral": dict(sliding_window=8),
+    "glm4": {},  # (GLM-4-9B-0414's: partial rotary 0.5, interleaved, q/k/v biases, four norms)
 }
 FLAGS = {"qwen3_moe": ["--lora_dropout", "0"]}  # PEFT adapts the experts' 3-D weights without dropout
 
@@ -46,7 +47,7 @@ def test_each_family_trains_chats_evaluates_and_merges(family, trained, tmp_path
     """sft, infer, eval and export --merge_lora (the merged folder's logits checked against base + adapter) on
     each family, without a traceback or a library warning."""
     _, ckpt, sft_log = trained(family)
-    if family in ("qwen3", "llama", "phi3", "gemma3_text", "mistral"):  # the start-up line says which layers train
+    if family in ("qwen3", "llama", "phi3", "gemma3_text", "mistral", "glm4"):  # the start-up line says which layers train
         assert "lean decoder layers (2)" in sft_log  # (sliding windows of 8 tokens included)
     else:  # Gemma 2's softcapped attention logits, Qwen3-MoE's experts: transformers' layers
         assert f"transformers' {family} decoder layers (" in sft_log and "lean decoder layers" not in sft_log

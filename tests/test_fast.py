@@ -318,7 +318,8 @@ def test_lean_layer_recompute_and_checkpointing_draw_the_same_masks(tiny):
 
 # Tiny random configs of the families of issue 17: sliding windows of 8 tokens (the samples run to 40), Gemma 2's
 # logit softcapping, Qwen3's q/k norms, Phi-3's fused projections, Llama 3's RoPE scaling, Granite's multipliers,
-# OLMo 2's norms after attention and MLP.
+# OLMo 2's norms after attention and MLP, GLM-4's four norms, fused gate_up_proj, q/k/v biases and half of each head
+# turned by interleaved RoPE.
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 FAMILIES = {
@@ -332,12 +333,13 @@ FAMILIES = {
     "mistral": dict(sliding_window=8),
     "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
     "olmo2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "glm4": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),  # (partial_rotary_factor 0.5, attention_bias: its own)
 }
 
 
 # Which layers run lean in sft (max_length 64): all but Gemma 2's softcapped ones (sliding windows of 8 tokens run lean)
 LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [True, True],
-               "granite": [True, True], "olmo2": [True, True], "mistral": [True, True]}
+               "granite": [True, True], "olmo2": [True, True], "mistral": [True, True], "glm4": [True, True]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -390,6 +392,7 @@ LEAN_FAMILIES = {
     "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
     "granite": FAMILIES["granite"],
     "olmo2": FAMILIES["olmo2"],
+    "glm4": FAMILIES["glm4"],
 }
 
 
@@ -417,7 +420,7 @@ def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(f
     loss, grads = _lean_layer_run(model, 0.0)
     plain_loss, plain_grads = _lean_layer_run(model, 0.0, layers=False, lean=False)
     assert loss == pytest.approx(plain_loss, rel=1e-5)
-    per_layer = 4 if family == "phi3" else 7  # qkv_proj, o_proj, gate_up_proj, down_proj
+    per_layer = {"phi3": 4, "glm4": 6}.get(family, 7)  # (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)
     assert len(grads) == 2 * per_layer * SHAPE["num_hidden_layers"]
     assert_close_up_to_summation_order(grads, plain_grads)
 
@@ -512,7 +515,7 @@ def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family
     per_token = (_kept(m, 48) - _kept(m, 24)) / 24  # (less what does not grow with tokens)
     cfg, hidden = m.config, SHAPE["hidden_size"]
     rotary = int(SHAPE["head_dim"] * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
-    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2}.get(family, 1)  # 1/rms where the norm's input is kept
+    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2, "glm4": 1 + 2}.get(family, 1)  # 1/rms where the norm's input is kept
     rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0  # per head
     ropes = 2 if family == "gemma3_text" else 1  # cos/sin of each kind of layer (Gemma 3: local, global), shared
     small = (7 * args.lora_rank + rows + 2 * rotary * ropes / SHAPE["num_hidden_layers"]) / hidden

@@ -86,12 +86,13 @@ def lean_layer_widths(hidden: int, intermediate: int, heads: int, kv_heads: int,
 
 
 def family_widths(model_type: str, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int):
-    """lean_layer_widths for a family's lean layers (OLMo 2's two norms after attention and MLP keep their inputs, as
-    Gemma's; its SwiGLU is the Triton one, so the transient is Llama's, less rough for its torch norms)."""
+    """lean_layer_widths for a family's lean layers (OLMo 2's and GLM-4's two norms after attention and MLP keep their
+    inputs, as Gemma's; their SwiGLU is the Triton one, so the transient is Llama's, less rough for OLMo 2's torch
+    norms)."""
     gemma = model_type in ("gemma2", "gemma3_text")
     full, mlp, transient = lean_layer_widths(hidden, intermediate, heads, kv_heads, head_dim, gemma=gemma,
                                              qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"))
-    return (full + 2 if model_type == "olmo2" else full), mlp, transient
+    return (full + 2 if model_type in ("olmo2", "glm4") else full), mlp, transient
 
 
 def lean_activation_bytes(widths: tuple, unit: float, levels: list[int], checkpointed: set) -> float:

@@ -2,15 +2,17 @@
 three autograd functions, for packed rows (train.micro_batches) in training.
 
     x [-> RMSNorm] -> q, k, v (LoRA) [-> RMSNorm of q, k: Qwen3, Gemma 3, OLMo 2] -> RoPE -> flash attention -> o (LoRA)
-      [-> RMSNorm: Gemma, OLMo 2] -> + x = h
-    h [-> RMSNorm] -> gate, up (LoRA) -> act(gate) * up -> down (LoRA) [-> RMSNorm: Gemma, OLMo 2] -> + h
+      [-> RMSNorm: Gemma, OLMo 2, GLM-4] -> + x = h
+    h [-> RMSNorm] -> gate, up (LoRA) -> act(gate) * up -> down (LoRA) [-> RMSNorm: Gemma, OLMo 2, GLM-4] -> + h
 
 The families (ARCHITECTURES): Qwen2/2.5, Qwen3, Llama, Mistral; Phi-3/Phi-4-mini, whose qkv_proj and
 gate_up_proj are fused Linears with one PEFT adapter each (run here as row blocks of the weight and of
 lora_B that share the lora_A and its dropout mask: what separate projections cost), with partial rotary;
 Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU) and four norms a layer;
 Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling); OLMo 2
-(norms only after attention and after the MLP, q/k norms over all heads, weights times the float32 norm).
+(norms only after attention and after the MLP, q/k norms over all heads, weights times the float32 norm); GLM-4
+(four Llama-style norms as Gemma's, a fused gate_up_proj as Phi-3's, q/k/v biases, and half of each head turned by
+an interleaved RoPE: pairs of neighbouring channels, INTERLEAVED).
 Sliding-window layers (Gemma's, Mistral's, Qwen's where set) attend through flash attention's own window. A
 layer whose attention the lean path cannot compute (Gemma 2's logit softcapping, which the flash kernels lack)
 stays on transformers' layer, layer by layer (fallback_reason), and the start-up line says which and why
@@ -46,7 +48,8 @@ from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2", "glm4")
+INTERLEAVED = ("glm4",)  # RoPE that turns channel pairs (x0, x1), (x2, x3)... (GLM's), not the two halves
 # Families whose softcapped layers stay on transformers' layers, layer by layer (the planner, which reads no layer,
 # counts them all as transformers' layers: an upper bound)
 PER_LAYER = ("gemma2",)
@@ -134,24 +137,38 @@ def rms_norm_backward(dy, x, w, rstd, style: str = ""):
     return (rstd[:, None] * (dn - normed * (dn * normed).mean(-1, keepdim=True))).to(x.dtype)
 
 
-def rope(x, cos, sin, backward: bool = False):
+def rope(x, cos, sin, backward: bool = False, interleaved: bool = False):
     """Rotate-half rotary embedding of x [T, heads, d] by cos/sin [T, r] (backward: its transpose). Partial
-    rotary (Phi-4-mini's partial_rotary_factor: r < d) turns the first r channels of each head, passes the rest."""
+    rotary (Phi-4-mini's and GLM-4's partial_rotary_factor: r < d) turns the first r channels of each head, passes
+    the rest. interleaved (GLM-4's): pair i is channels (2i, 2i + 1), turned by the first half of cos/sin."""
     r = cos.shape[-1]
     if r < x.shape[-1]:
-        return torch.cat((_rotate(x[..., :r].contiguous(), cos, sin, backward), x[..., r:]), -1)
-    return _rotate(x, cos, sin, backward)
+        return torch.cat((_rotate(x[..., :r].contiguous(), cos, sin, backward, interleaved), x[..., r:]), -1)
+    return _rotate(x, cos, sin, backward, interleaved)
 
 
-def _rotate(x, cos, sin, backward: bool):
+def _rotate(x, cos, sin, backward: bool, interleaved: bool):
     d = x.shape[-1]
     if _triton(x) and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0:
-        return kernels.rope(x, cos, sin, backward)
+        return kernels.rope(x, cos, sin, backward, interleaved)
+    if interleaved:
+        return _rotate_pairs(x, cos, sin, backward)
     c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     if backward:
         xs = x * s
         return x * c + torch.cat((xs[..., d // 2:], -xs[..., :d // 2]), -1)
     return x * c + torch.cat((-x[..., d // 2:], x[..., :d // 2]), -1) * s
+
+
+def _rotate_pairs(x, cos, sin, backward: bool):
+    """GLM's rotation of each pair (x0, x1) by the angle of cos/sin's first half, as its apply_rotary_pos_emb
+    (cos[..., :r // 2].repeat_interleave(2)) computes it."""
+    d = x.shape[-1]
+    c, s = cos[:, None, :d // 2].to(x.dtype), sin[:, None, :d // 2].to(x.dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    if backward:
+        return torch.stack((x0 * c + x1 * s, x1 * c - x0 * s), -1).flatten(-2)
+    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), -1).flatten(-2)
 
 
 def gated(gate, up, act: str):
@@ -315,14 +332,16 @@ class Norm(torch.autograd.Function):
 
 class Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, interleaved: bool = False):
         ctx.save_for_backward(cos, sin)
-        return rope(q, cos, sin), rope(k, cos, sin)
+        ctx.interleaved = interleaved
+        return rope(q, cos, sin, interleaved=interleaved), rope(k, cos, sin, interleaved=interleaved)
 
     @staticmethod
     def backward(ctx, gq, gk):
         cos, sin = ctx.saved_tensors
-        return rope(gq, cos, sin, True), rope(gk, cos, sin, True), None, None
+        i = ctx.interleaved
+        return rope(gq, cos, sin, True, i), rope(gk, cos, sin, True, i), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +402,11 @@ def _group(entries, norm=None):
 
 def _norm_places(layer) -> tuple:
     """The layer's norms: (before attention, after it, before the MLP, after it), None where it has none. Llama's
-    two are before; Gemma 2/3 have all four; OLMo 2 only the two after (on the attention's and the MLP's outputs)."""
+    two are before; Gemma 2/3 and GLM-4 have all four (GLM-4's before the MLP is its post_attention_layernorm);
+    OLMo 2 only the two after (on the attention's and the MLP's outputs)."""
     before = getattr(layer, "input_layernorm", None)
+    if hasattr(layer, "post_self_attn_layernorm"):
+        return before, layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
     if hasattr(layer, "pre_feedforward_layernorm"):
         return before, layer.post_attention_layernorm, layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm
     if hasattr(layer, "post_feedforward_layernorm"):
@@ -421,7 +443,7 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
     if per_head:  # Qwen3, Gemma 3
         q, k = Norm.apply(q, *_norm_args(attn.q_norm)), Norm.apply(k, *_norm_args(attn.k_norm))
     cos, sin = emb
-    q, k = Rope.apply(q, k, cos[0], sin[0])
+    q, k = Rope.apply(q, k, cos[0], sin[0], attn.config.model_type in INTERLEAVED)
     out = attention.varlen_attention(q, k, v.view(T, kv_heads, d), bounds, kwargs.get("max_length_q"), attn.scaling,
                                      sliding_window(attn))
     (o_out,) = Projections.apply(out.reshape(T, heads * d), None, o[0], *o[1])
@@ -438,15 +460,19 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
 
 def _norms(layer) -> list:
     attn = layer.self_attn
-    names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+             "post_self_attn_layernorm", "post_mlp_layernorm")
     return [getattr(layer, n) for n in names if hasattr(layer, n)] + [getattr(attn, n) for n in ("q_norm", "k_norm")
                                                                       if hasattr(attn, n)]
 
 
 def _known_norm_places(layer) -> bool:
-    """Llama's two norms before, Gemma's four, or OLMo 2's two after (_norm_places)."""
-    before, pre_mlp, post_mlp = (hasattr(layer, n) for n in ("input_layernorm", "pre_feedforward_layernorm",
-                                                             "post_feedforward_layernorm"))
+    """Llama's two norms before, Gemma's or GLM-4's four, or OLMo 2's two after (_norm_places)."""
+    before, pre_mlp, post_mlp, glm_attn, glm_mlp = (hasattr(layer, n) for n in (
+        "input_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm", "post_self_attn_layernorm",
+        "post_mlp_layernorm"))
+    if glm_attn or glm_mlp:
+        return before and glm_attn and glm_mlp and not (pre_mlp or post_mlp)
     return (before and pre_mlp == post_mlp) or (not before and post_mlp and not pre_mlp)
 
 
@@ -459,7 +485,7 @@ def sliding_window(attn) -> int | None:
 def fallback_reason(layer) -> str | None:
     """Why this decoder layer (base model, before LoRA) stays on transformers' layer, or None: it runs lean.
     Lean: a llama/qwen2-style layer (Phi-3's fused projections, Gemma's four (1 + w) norms and GeGLU, OLMo 2's
-    norms after attention and MLP only, too), RMSNorms (q/k norms too, per head or over all heads), causal attention
+    norms after attention and MLP only, GLM-4's four norms and interleaved RoPE, too), RMSNorms (q/k norms too, per head or over all heads), causal attention
     without dropout or logit softcapping (which the flash kernels lack), full or over a sliding window (Mistral's,
     Gemma's and Qwen's sliding layers)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)

@@ -17,8 +17,8 @@ offset + i * step, t * K + k) and never stored (the kernels live in triton_lora.
 - `lora_dx_add(dx, gb, a, p, seed, step)`: dx += sum_i dropout_i(gb_i A_i), in place.
 - `keep_mask(T, K, p, seed, offset)`: the mask itself (for tests).
 And `rms_norm(x, w, eps)` / `rms_norm_backward(dy, x, w, rstd)` (transformers' RMSNorm: the
-normalised x rounded to x's dtype, then times the weight), `rope(x, cos, sin, backward=False)`
-(rotate-half rotary embedding of x [T, heads, d] with cos/sin [T, d]; backward rotates back).
+normalised x rounded to x's dtype, then times the weight), `rope(x, cos, sin, backward=False, interleaved=False)`
+(rotate-half, or GLM's interleaved, rotary embedding of x [T, heads, d] with cos/sin [T, d]; backward rotates back).
 """
 
 from __future__ import annotations
@@ -246,12 +246,12 @@ def _norm_tile(n: int) -> tuple[int, int]:
     return block, max(1, min(64, 2048 // block))
 
 
-def rope(x, cos, sin, backward: bool = False):
-    """Rotary embedding (rotate-half) of x [T, H, D] by cos/sin [T, D]; a new tensor."""
+def rope(x, cos, sin, backward: bool = False, interleaved: bool = False):
+    """Rotary embedding (rotate-half, or GLM's interleaved pairs) of x [T, H, D] by cos/sin [T, D]; a new tensor."""
     import torch
 
     T, H, D = x.shape
     out = torch.empty_like(x)
     _lora_kernels()[6][(T,)](x.contiguous(), cos.contiguous(), sin.contiguous(), out, H, D=D, HB=next_pow2(H),
-                             BACKWARD=backward)
+                             BACKWARD=backward, INTERLEAVED=interleaved)
     return out

@@ -149,24 +149,29 @@ def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, T, N, BLOCK
 
 
 @triton.jit
-def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr):
+def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr,
+                INTERLEAVED: tl.constexpr):
+    # pair i: channels (i, i + D/2), or (2i, 2i + 1) INTERLEAVED (GLM's: both turned by the angle of cos/sin's first half)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, HB)
     half = tl.arange(0, D // 2)
+    first = 2 * half if INTERLEAVED else half
+    other = 1 if INTERLEAVED else D // 2
+    second_angle = half if INTERLEAVED else D // 2 + half
     inside = heads[:, None] < H
-    base = x_ptr + t * H * D + heads[:, None] * D + half[None, :]
+    base = x_ptr + t * H * D + heads[:, None] * D + first[None, :]
     x1 = tl.load(base, mask=inside, other=0.0).to(tl.float32)
-    x2 = tl.load(base + D // 2, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(base + other, mask=inside, other=0.0).to(tl.float32)
     c1 = tl.load(cos_ptr + t * D + half).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * D + second_angle).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + t * D + half).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * D + D // 2 + half).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * D + second_angle).to(tl.float32)[None, :]
     if BACKWARD:  # the transpose of the rotation
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    out = out_ptr + t * H * D + heads[:, None] * D + half[None, :]
+    out = out_ptr + t * H * D + heads[:, None] * D + first[None, :]
     tl.store(out, y1.to(out_ptr.dtype.element_ty), mask=inside)
-    tl.store(out + D // 2, y2.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out + other, y2.to(out_ptr.dtype.element_ty), mask=inside)
