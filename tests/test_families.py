@@ -15,6 +15,7 @@ SHAPE = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidde
 FAMILIES = {
     "qwen3": {},
     "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "phi3": {},
@@ -24,7 +25,8 @@ FAMILIES = {
     "mistral": dict(sliding_window=8),
     "glm4": {},  # (GLM-4-9B-0414's: partial rotary 0.5, interleaved, q/k/v biases, four norms)
 }
-FLAGS = {"qwen3_moe": ["--lora_dropout", "0"]}  # PEFT adapts the experts' 3-D weights without dropout
+FLAGS = {moe: ["--lora_dropout", "0"] for moe in ("qwen3_moe", "qwen2_moe")}  # (PEFT adapts the experts' 3-D weights
+# without dropout)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_each_family_trains_chats_evaluates_and_merges(family, trained, tmp_path
     _, ckpt, sft_log = trained(family)
     if family in ("qwen3", "llama", "phi3", "gemma3_text", "mistral", "glm4"):  # the start-up line says which layers train
         assert "lean decoder layers (2)" in sft_log  # (sliding windows of 8 tokens included)
-    else:  # Gemma 2's softcapped attention logits, Qwen3-MoE's experts: transformers' layers
+    else:  # Gemma 2's softcapped attention logits, the MoEs' experts: transformers' layers
         assert f"transformers' {family} decoder layers (" in sft_log and "lean decoder layers" not in sft_log
     answer = tunesmith("infer", "--adapters", ckpt, "--query", "你是谁?", "--max_new_tokens", "4", "--stream", "false")
     assert answer.stdout.strip()
@@ -83,6 +85,38 @@ def test_a_qwen3_moe_adapter_keeps_routing_and_says_what_gguf_lacks(trained, tmp
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "norm_topk_prob false" in proc.stderr
     assert not (tmp_path / "gguf").exists()
+
+
+def test_a_qwen2_moe_adapter_keeps_routing_and_loads_in_plain_peft(trained):
+    """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): LoRA on attention, on the experts' 3-D weights and on the shared
+    expert, none on the router nor on the shared expert's gate; PEFT's own PeftModel.from_pretrained loads the adapter
+    and computes what the checkpoint's merged model computes."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folder, ckpt, _ = trained("qwen2_moe")
+    with safe_open(f"{ckpt}/adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    for part in (".mlp.experts.base_layer.lora_A", ".mlp.experts.lora_A", ".mlp.shared_expert.down_proj.lora_A",
+                 ".self_attn.q_proj.lora_A"):
+        assert any(part in k for k in keys), part
+    routing = [k for k in keys if ".mlp.gate." in k or "shared_expert_gate" in k]
+    assert not routing, routing
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), ckpt).eval()
+    loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    assert loaded.keys() == set(keys)  # every tensor found its place (the experts' gate_up_proj at twice the rank)
+    with safe_open(f"{ckpt}/adapter_model.safetensors", "pt") as f:
+        assert all(torch.equal(loaded[k], f.get_tensor(k)) for k in keys)
+    ids = torch.tensor([[9707, 11, 1246, 525, 498, 30]])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    assert not torch.allclose(tuned, base)  # the adapter (2 steps at 1e-2) changes the logits
+    torch.testing.assert_close(merged, tuned, rtol=1e-4, atol=1e-4)
 
 
 def test_a_family_tunesmith_does_not_train_is_one_line_before_any_weights(tmp_path, default_model):

@@ -301,9 +301,9 @@ def _longest_row(train_set, args: SftArguments, accumulation: int, length=lambda
 
 def lora_config(model, args: SftArguments):
     """PEFT's LoraConfig for --target_modules on `model` (also a skeleton on the meta device, before the weights load).
-    An MoE whose experts are 3-D parameters (qwen3_moe) gets PEFT's own targets for them, but its router keeps the
-    base model's weights (PEFT's all-linear adapts it too), so routing stays exact; those parameter targets take no
-    dropout, which is said before any weights load."""
+    An MoE whose experts are 3-D parameters (qwen3_moe, qwen2_moe) gets PEFT's own targets for them, but its router
+    and the gate of its shared expert keep the base model's weights (PEFT's all-linear adapts them too), so routing
+    stays exact; those parameter targets take no dropout, which is said before any weights load."""
     from peft import LoraConfig
 
     targets = args.target_modules
@@ -317,6 +317,8 @@ def lora_config(model, args: SftArguments):
         convert_peft_config_for_transformers(config, model, None)  # what get_peft_model does first
     except ValueError as e:
         raise UserError(f"--target_modules {' '.join(targets)}: {str(e).splitlines()[0][:200]}") from None
+    if targets == ["all-linear"]:
+        _all_linear_on_moe(model, config)
     if config.target_parameters:
         dims = {n: p.dim() for n, p in model.named_parameters()}
         routers = {t for t in config.target_parameters if any(n.endswith("." + t) and d == 2 for n, d in dims.items())}
@@ -326,6 +328,22 @@ def lora_config(model, args: SftArguments):
         raise UserError(f"--lora_dropout {args.lora_dropout:g}: LoRA on the experts of a {kind} model (PEFT adapts their "
                         "3-D weights directly) takes no dropout; pass --lora_dropout 0")
     return config
+
+
+def _all_linear_on_moe(model, config) -> None:
+    """all-linear on an MoE whose experts PEFT's conversion misses (it maps qwen3_moe onto qwen2_moe's pattern, but
+    not qwen2_moe itself): the experts' 3-D parameters as it targets qwen3_moe's, gate_up_proj at twice the rank and
+    alpha (the experts' gate and up, once separate Linears, each at r). The shared expert's gate (one output: how much
+    of the shared expert joins) keeps the base model's weights, as the router does."""
+    if not config.target_parameters:
+        experts = {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n}
+        if experts:
+            config.target_parameters = experts
+        if "gate_up_proj" in experts:
+            config.rank_pattern = {**(config.rank_pattern or {}), r".*\.gate_up_proj": 2 * config.r}
+            config.alpha_pattern = {**(config.alpha_pattern or {}), r".*\.gate_up_proj": 2 * config.lora_alpha}
+    if any(n.endswith(".shared_expert_gate") for n, _ in model.named_modules()):
+        config.exclude_modules = {"shared_expert_gate"}
 
 
 def add_lora(model, args: SftArguments):
