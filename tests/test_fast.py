@@ -7,6 +7,7 @@ import torch
 from transformers import AttentionInterface
 
 from tunesmith.engine import attention, checkpointing, fused_loss
+from tunesmith.engine.decoder_layer import MOE
 from tunesmith.args import SftArguments
 from tunesmith.data.template import IGNORE, Encoded
 from tunesmith.train.recipe import add_lora
@@ -257,11 +258,11 @@ def test_a_shape_never_captured_borrows_the_smallest_graph_that_holds_it(tiny):
     assert rows.host((2304, 8)) is None  # nothing holds it: it runs eagerly
 
 
-def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True):
+def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True, targets=("all-linear",)):
     """Summed loss and LoRA gradients of one packed row, the pass's dropout seed fixed."""
     from tunesmith.engine import decoder_layer, lora_linear
 
-    args = SftArguments(dataset=["x"], lora_dropout=dropout)
+    args = SftArguments(dataset=["x"], lora_dropout=dropout, target_modules=list(targets))
     torch.manual_seed(0)
     m = add_lora(copy.deepcopy(tiny), args)
     for name, p in m.named_parameters():
@@ -325,7 +326,8 @@ SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_l
 FAMILIES = {
     "qwen3": {},
     "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                      use_sliding_window=True, sliding_window=8, max_window_layers=2),  # (layer 0 sliding, layer 1 full)
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
@@ -338,8 +340,9 @@ FAMILIES = {
 }
 
 
-# Which layers run lean in sft (max_length 64): all but Gemma 2's softcapped ones (sliding windows of 8 tokens run lean)
-LEAN_LAYERS = {"qwen3": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [True, True],
+# Which layers run lean in sft (max_length 64): all but Gemma 2's softcapped ones (sliding windows of 8 tokens run lean;
+# the MoEs' attention, their MoE blocks transformers')
+LEAN_LAYERS = {"qwen3": [True, True], "qwen3_moe": [True, True], "qwen2_moe": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [True, True],
                "granite": [True, True], "olmo2": [True, True], "mistral": [True, True], "glm4": [True, True]}
 
 
@@ -385,7 +388,8 @@ def test_every_family_trains_on_packed_rows_as_transformers_and_peft_compute(fam
 
 # Families on lean layers beyond Qwen2 (issue 17), every layer lean: Qwen3's q/k norms, Phi-3's fused qkv_proj and
 # gate_up_proj with partial rotary, Gemma 2 without softcapping and Gemma 3 (q/k norms) with windows longer than any
-# sample: Gemma's four (1 + w) norms, GeGLU and query_pre_attn_scalar.
+# sample: Gemma's four (1 + w) norms, GeGLU and query_pre_attn_scalar; the MoEs' lean attention before transformers' MoE
+# blocks (PEFT's LoRA on the experts' 3-D weights, Qwen2-MoE's shared expert on lean LoRA).
 LEAN_FAMILIES = {
     "qwen3": {},
     "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1, partial_rotary_factor=0.5),
@@ -394,6 +398,8 @@ LEAN_FAMILIES = {
     "granite": FAMILIES["granite"],
     "olmo2": FAMILIES["olmo2"],
     "glm4": FAMILIES["glm4"],
+    "qwen3_moe": FAMILIES["qwen3_moe"],
+    "qwen2_moe": FAMILIES["qwen2_moe"],
 }
 
 
@@ -421,7 +427,8 @@ def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(f
     loss, grads = _lean_layer_run(model, 0.0)
     plain_loss, plain_grads = _lean_layer_run(model, 0.0, layers=False, lean=False)
     assert loss == pytest.approx(plain_loss, rel=1e-5)
-    per_layer = {"phi3": 4, "glm4": 6}.get(family, 7)  # (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)
+    # (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj; the MoEs: q/k/v/o, the experts' two, Qwen2-MoE's shared expert)
+    per_layer = {"phi3": 4, "glm4": 6, "qwen3_moe": 6, "qwen2_moe": 9}.get(family, 7)
     assert len(grads) == 2 * per_layer * SHAPE["num_hidden_layers"]
     assert_close_up_to_summation_order(grads, plain_grads)
 
@@ -430,16 +437,18 @@ def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(f
 def test_lean_layers_of_each_family_draw_the_dropout_masks_of_transformers_layers_with_lean_projections(family):
     """With dropout the lean projections inside transformers' own layer draw the same masks (on a fused Linear one
     mask for all its row blocks, as PEFT's), so loss and gradients agree (a different mask would be far outside);
-    recomputing up, gate and up, or the whole layer changes no bit."""
+    recomputing up, gate and up, or the whole layer changes no bit. On the MoEs LoRA on attention only (the
+    experts' parameters take no dropout)."""
     model = tiny_family(family)
-    loss, grads = _lean_layer_run(model, 0.2)
-    nodrop, _ = _lean_layer_run(model, 0.0)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj") if family in MOE else ("all-linear",)
+    loss, grads = _lean_layer_run(model, 0.2, targets=targets)
+    nodrop, _ = _lean_layer_run(model, 0.0, targets=targets)
     assert loss != pytest.approx(nodrop, rel=1e-4)
-    other_loss, other = _lean_layer_run(model, 0.2, layers=False)
+    other_loss, other = _lean_layer_run(model, 0.2, layers=False, targets=targets)
     assert other_loss == pytest.approx(loss, rel=1e-6)
     assert_close_up_to_summation_order(other, grads)
     for kwargs in ({"level": 1}, {"level": 2}, {"share": 1.0}):
-        again_loss, again = _lean_layer_run(model, 0.2, **kwargs)
+        again_loss, again = _lean_layer_run(model, 0.2, targets=targets, **kwargs)
         assert again_loss == loss, kwargs
         assert_same_bits(again, grads)
 
@@ -498,7 +507,7 @@ def _kept(model, tokens: int) -> float:
     return sum(kept.values()) / (len(layers) * SHAPE["hidden_size"] * 4)
 
 
-@pytest.mark.parametrize("family", LEAN_FAMILIES)
+@pytest.mark.parametrize("family", [f for f in LEAN_FAMILIES if f not in MOE])  # (MoE layers: counted as transformers')
 def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family, monkeypatch):
     """activation_memory.family_widths (the planner's figure) against what the lean layers really keep per token,
     flash attention's share included; beyond it only the r-wide LoRA intermediates, cos/sin and 1/rms of each row,

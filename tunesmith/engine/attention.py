@@ -103,7 +103,10 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
                        softcap=None, **kwargs):
     """Causal attention within each packed sample. query: [b, heads, T, d]; key/value: [b, kv_heads, T, d].
     `cu_seq_lens_q` (sample boundaries, as flash-attn's varlen API) arrives through the model's kwargs;
-    a sliding-window layer's window and Gemma 2's logit softcap arrive from the attention module."""
+    a sliding-window layer's window and Gemma 2's logit softcap arrive from the attention module (Qwen2-MoE's passes
+    no window: its sliding layers carry one, which transformers applies through the mask)."""
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
         bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)

@@ -12,7 +12,10 @@ Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU
 Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling); OLMo 2
 (norms only after attention and after the MLP, q/k norms over all heads, weights times the float32 norm); GLM-4
 (four Llama-style norms as Gemma's, a fused gate_up_proj as Phi-3's, q/k/v biases, and half of each head turned by
-an interleaved RoPE: pairs of neighbouring channels, INTERLEAVED).
+an interleaved RoPE: pairs of neighbouring channels, INTERLEAVED); Qwen2-MoE and Qwen3-MoE (MOE), whose lean
+attention comes before an MoE block that runs as transformers computes it (its router, its experts with PEFT's LoRA
+on their 3-D weights, Qwen2-MoE's shared expert on lean LoRA); a dense layer among them (mlp_only_layers) runs all lean
+where its MLP carries LoRA.
 Sliding-window layers (Gemma's, Mistral's, Qwen's where set) attend through flash attention's own window. A
 layer whose attention the lean path cannot compute (Gemma 2's logit softcapping, which the flash kernels lack)
 stays on transformers' layer, layer by layer (fallback_reason), and the start-up line says which and why
@@ -48,7 +51,11 @@ from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2", "glm4")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2", "glm4",
+                 "qwen2_moe", "qwen3_moe")
+# Families whose MoE blocks (router, experts, PEFT's LoRA on their 3-D weights) run as transformers computes them,
+# after the lean attention; the memory planners count their layers as transformers' layers (an upper bound)
+MOE = ("qwen2_moe", "qwen3_moe")
 INTERLEAVED = ("glm4",)  # RoPE that turns channel pairs (x0, x1), (x2, x3)... (GLM's), not the two halves
 # Families whose softcapped layers stay on transformers' layers, layer by layer (the planner, which reads no layer,
 # counts them all as transformers' layers: an upper bound)
@@ -364,18 +371,25 @@ def _activation(mlp) -> str | None:
 def _inputs(layer):
     """The LoRA modules of the layer's four groups (q/k/v, o, gate/up, down), each a list of (module, row
     blocks): row blocks split one fused Linear (Phi-3's qkv_proj and gate_up_proj) into the projections it
-    holds, None for a Linear of its own."""
+    holds, None for a Linear of its own. An MoE block has no lean groups (empty lists)."""
     attn, mlp = layer.self_attn, layer.mlp
     if hasattr(attn, "qkv_proj"):
         q, kv = attn.config.num_attention_heads * attn.head_dim, attn.config.num_key_value_heads * attn.head_dim
         qkv = [(attn.qkv_proj, (q, kv, kv))]
     else:
         qkv = [(attn.q_proj, None), (attn.k_proj, None), (attn.v_proj, None)]
+    if _moe(mlp):
+        return qkv, [(attn.o_proj, None)], [], []
     if hasattr(mlp, "gate_up_proj"):  # (gate first, as Phi3MLP chunks it)
         gate_up = [(mlp.gate_up_proj, (mlp.config.intermediate_size,) * 2)]
     else:
         gate_up = [(mlp.gate_proj, None), (mlp.up_proj, None)]
     return qkv, [(attn.o_proj, None)], gate_up, [(mlp.down_proj, None)]
+
+
+def _moe(mlp) -> bool:
+    """An MoE block (Qwen2-MoE's, Qwen3-MoE's: a router and experts, maybe a shared expert)."""
+    return hasattr(mlp, "experts")
 
 
 def _group(entries, norm=None):
@@ -429,8 +443,8 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
     attn_norm, attn_out_norm, mlp_norm, mlp_out_norm = _norm_places(layer)
     qkv_in, o_in, gate_up_in, down_in = _inputs(layer)
     qkv, o = _group(qkv_in, attn_norm), _group(o_in)
-    gate_up, down = _group(gate_up_in, mlp_norm), _group(down_in)
-    if None in (qkv, o, gate_up, down):  # an adapter disabled, merged or unloaded
+    mlp_groups = [] if _moe(mlp) else [_group(gate_up_in, mlp_norm), _group(down_in)]
+    if None in (qkv, o, *mlp_groups):  # an adapter disabled, merged or unloaded
         return plain(hidden_states, *args, **kwargs)
     x = hidden_states[0]
     T = x.shape[0]
@@ -451,8 +465,12 @@ def layer_forward(layer, hidden_states, *args, **kwargs):
         o_out = Norm.apply(o_out, *_norm_args(attn_out_norm))
     residual = getattr(layer, "residual_multiplier", 1.0)  # Granite scales each branch before it joins the residual
     h = x + o_out * residual if residual != 1.0 else x + o_out
-    level = getattr(layer, "_tunesmith_recompute", 0)
-    m = Mlp.apply(h, _weight(mlp_norm), gate_up[0], down[0], level, _activation(mlp), *gate_up[1], *down[1])
+    if not mlp_groups:  # an MoE block: router and experts as transformers computes them, after its own norm
+        m = mlp(mlp_norm(h)[None])[0]
+    else:
+        (gu, gu_params), (down, down_params) = mlp_groups
+        level = getattr(layer, "_tunesmith_recompute", 0)
+        m = Mlp.apply(h, _weight(mlp_norm), gu, down, level, _activation(mlp), *gu_params, *down_params)
     if mlp_out_norm is not None:
         m = Norm.apply(m, *_norm_args(mlp_out_norm))
     return (h + m * residual if residual != 1.0 else h + m)[None]
@@ -478,8 +496,14 @@ def _known_norm_places(layer) -> bool:
 
 def sliding_window(attn) -> int | None:
     """The tokens a sliding-window layer attends to (itself included), or None: Gemma's and Qwen's sliding layers
-    carry their own; Mistral's attention reads its config's."""
-    return getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None)) or None
+    carry their own; Mistral's attention reads its config's; Qwen2-MoE's full layers carry none, as its config's
+    layer_types say."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window or None
+    types = getattr(attn.config, "layer_types", None)
+    if types and types[attn.layer_idx] != "sliding_attention":
+        return None
+    return getattr(attn.config, "sliding_window", None) or None
 
 
 def fallback_reason(layer) -> str | None:
@@ -502,10 +526,9 @@ def fallback_reason(layer) -> str | None:
     shape_ok = (all(type(n).__name__.endswith("RMSNorm") and _norm_args(n)[1] is not None for n in norms)
                 and hasattr(attn, "q_norm") == hasattr(attn, "k_norm")
                 and hasattr(layer, "post_attention_layernorm") and _known_norm_places(layer)
-                and _activation(mlp) is not None
                 and (hasattr(attn, "qkv_proj") or all(hasattr(attn, n) for n in PROJECTIONS[:3])) and hasattr(attn, "o_proj")
-                and (hasattr(mlp, "gate_up_proj") or all(hasattr(mlp, n) for n in PROJECTIONS[4:6]))
-                and hasattr(mlp, "down_proj"))
+                and (_moe(mlp) or _activation(mlp) is not None and hasattr(mlp, "down_proj")
+                     and (hasattr(mlp, "gate_up_proj") or all(hasattr(mlp, n) for n in PROJECTIONS[4:6]))))
     return None if shape_ok else "a layer layout the lean layer does not know"
 
 
@@ -513,18 +536,19 @@ def supported(layer) -> bool:
     return fallback_reason(layer) is None
 
 
-def lean_note(count: int, reasons: list) -> str:
+def lean_note(count: int, reasons: list, moe: bool = False) -> str:
     """The start-up line's words: how many layers run lean and, where others stay on transformers' layers, which
-    and why (`reasons`: fallback_reason of each layer)."""
+    and why (`reasons`: fallback_reason of each layer); `moe`: their MoE blocks are transformers' (MOE)."""
     why: dict[str, list] = {}
     for i, reason in enumerate(reasons):
         if reason:
             why.setdefault(reason, []).append(str(i))
+    blocks = " with transformers' MoE blocks" if moe else ""
     if not why:
-        return f"lean decoder layers ({count})"
+        return f"lean decoder layers ({count}){blocks}"
     rest = "; ".join(f"transformers' for {'layer ' + ', '.join(ix) if len(ix) <= 6 else f'{len(ix)} layers'}: {reason}"
                      for reason, ix in why.items())
-    return f"lean decoder layers ({count} of {len(reasons)}; {rest})"
+    return f"lean decoder layers ({count} of {len(reasons)}; {rest}){blocks}"
 
 
 def use_lean_layers(model) -> int:

@@ -164,7 +164,8 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
     tokens (the worst case: the loss's logits grow with answer tokens)."""
     import importlib.util
 
-    from ..engine.decoder_layer import PER_LAYER  # (families whose layers may fall back one by one: an upper bound)
+    from ..engine.decoder_layer import MOE, PER_LAYER  # (layers that may fall back one by one, MoE blocks of
+    # transformers' own: counted as transformers' layers, an upper bound)
 
     share = args.gradient_checkpointing
     return Settings(tokens=tokens, loss_tokens=tokens, checkpointed=None if share is None else round(share * shape.layers),
@@ -173,7 +174,7 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
                     elt=4 if str(args.torch_dtype) in ("float32", "fp32") else 2,
                     liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None,
                     lean=args.lean_lora and not args.quant_method,  # lean LoRA needs a plain (unquantized) base
-                    lean_layers=lean_layers_apply(args, shape.model_type) and shape.model_type not in PER_LAYER)
+                    lean_layers=lean_layers_apply(args, shape.model_type) and shape.model_type not in PER_LAYER + MOE)
 
 
 def lean_layers_apply(args, model_type: str) -> bool:

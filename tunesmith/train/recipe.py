@@ -263,7 +263,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         notes += [f"lean LoRA on {n} projections"] if n else []
         lean = lora_linear.all_lean(model)
         lean_layers = lean_layers and decoder_layer.use_lean_layers(model)
-        notes += [decoder_layer.lean_note(lean_layers, reasons)] if lean_layers else []
+        notes += [decoder_layer.lean_note(lean_layers, reasons, kind in decoder_layer.MOE)] if lean_layers else []
         if not lean_layers and args.packing_window and any(reasons):  # the family's own layers: say why
             why = "; ".join(dict.fromkeys(filter(None, reasons)))  # each reason once
             notes.append(f"transformers' {kind} decoder layers ({why})")
@@ -273,7 +273,7 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
         reserve = planner.loss_bytes(model.config.vocab_size, model.config.hidden_size, longest_row or 0, 2)
         if not device.startswith("cuda"):
             share = 0.0
-        elif lean_layers and lean_layers == len(layers):
+        elif lean_layers and lean_layers == len(layers) and kind not in decoder_layer.MOE:
             levels, k = activation_memory.plan_memory(model, longest_row, reserve=reserve, budget=memory_budget)
             share = k / len(layers)
             if any(levels):
