@@ -3,7 +3,7 @@
 # the real `tunesmith sft` (default flags: the lean decoder layers where the family takes them) against
 # transformers + PEFT with ms-swift's best option (packing + Liger, bench/baseline_sft.py), in the same call, on the
 # mixed workload's data and a random-weight 8B-class folder of the family (bench/make_qwen7b.py: Qwen3-8B,
-# Llama-3.1-8B, Gemma-3-12B, Phi-4-mini; FAMILIES=glm4: GLM-4-9B-0414) with FAMILY_LAYERS layers (default 12; per-layer figures scale), STEPS
+# Llama-3.1-8B, Gemma-3-12B, Phi-4-mini; glm4: GLM-4-9B-0414) with FAMILY_LAYERS layers (default 12; per-layer figures scale), STEPS
 # optimizer steps each, with sft's schedule on both sides so that the per-step losses compare; with GC=1 ours runs a second time with --gradient_checkpointing true (the memory-matched
 # mode: every layer checkpointed, as the baseline).
 #   NO_7B=1 GC=1 FAMILIES='phi3 qwen3' bash bench/family_speed.sh      (alone, or after bench/gpu_smoke.sh in the same call, which builds the data; logs under $OUT)

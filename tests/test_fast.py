@@ -326,8 +326,9 @@ SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_l
 FAMILIES = {
     "qwen3": {},
     "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                      use_sliding_window=True, sliding_window=8, max_window_layers=2),  # (layer 0 sliding, layer 1 full)
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                      num_experts_per_tok=2, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=2),  # (layer 0 sliding, layer 1 full)
     "gemma2": dict(query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
@@ -336,13 +337,14 @@ FAMILIES = {
     "mistral": dict(sliding_window=8),
     "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
     "olmo2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
-    "glm4": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),  # (partial_rotary_factor 0.5, attention_bias: its own)
+    "glm4": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),  # (its own partial rotary 0.5, q/k/v biases)
 }
 
 
 # Which layers run lean in sft (max_length 64): all but Gemma 2's softcapped ones (sliding windows of 8 tokens run lean;
 # the MoEs' attention, their MoE blocks transformers')
-LEAN_LAYERS = {"qwen3": [True, True], "qwen3_moe": [True, True], "qwen2_moe": [True, True], "llama": [True, True], "phi3": [True, True], "gemma3_text": [True, True],
+LEAN_LAYERS = {"qwen3": [True, True], "qwen3_moe": [True, True], "qwen2_moe": [True, True], "llama": [True, True],
+               "phi3": [True, True], "gemma3_text": [True, True],
                "granite": [True, True], "olmo2": [True, True], "mistral": [True, True], "glm4": [True, True]}
 
 
@@ -525,7 +527,8 @@ def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family
     per_token = (_kept(m, 48) - _kept(m, 24)) / 24  # (less what does not grow with tokens)
     cfg, hidden = m.config, SHAPE["hidden_size"]
     rotary = int(SHAPE["head_dim"] * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
-    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2, "glm4": 1 + 2}.get(family, 1)  # 1/rms where the norm's input is kept
+    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2, "glm4": 1 + 2}.get(family, 1)  # 1/rms where the norm's
+    # input is kept
     rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0  # per head
     ropes = 2 if family == "gemma3_text" else 1  # cos/sin of each kind of layer (Gemma 3: local, global), shared
     small = (7 * args.lora_rank + rows + 2 * rotary * ropes / SHAPE["num_hidden_layers"]) / hidden

@@ -509,9 +509,9 @@ def sliding_window(attn) -> int | None:
 def fallback_reason(layer) -> str | None:
     """Why this decoder layer (base model, before LoRA) stays on transformers' layer, or None: it runs lean.
     Lean: a llama/qwen2-style layer (Phi-3's fused projections, Gemma's four (1 + w) norms and GeGLU, OLMo 2's
-    norms after attention and MLP only, GLM-4's four norms and interleaved RoPE, too), RMSNorms (q/k norms too, per head or over all heads), causal attention
-    without dropout or logit softcapping (which the flash kernels lack), full or over a sliding window (Mistral's,
-    Gemma's and Qwen's sliding layers)."""
+    norms after attention and MLP only, GLM-4's four norms and interleaved RoPE, an MoE block after the attention,
+    too), RMSNorms (q/k norms too, per head or over all heads), causal attention without dropout or logit softcapping
+    (which the flash kernels lack), full or over a sliding window (Mistral's, Gemma's and Qwen's sliding layers)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or getattr(attn, "config", None) is None:
         return "not a decoder layer of the lean kind"

@@ -151,7 +151,7 @@ def rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, T, N, BLOCK
 @triton.jit
 def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr,
                 INTERLEAVED: tl.constexpr):
-    # pair i: channels (i, i + D/2), or (2i, 2i + 1) INTERLEAVED (GLM's: both turned by the angle of cos/sin's first half)
+    # pair i: channels (i, i + D/2), or (2i, 2i + 1) INTERLEAVED (GLM's: both by the angle of cos/sin's first half)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, HB)
     half = tl.arange(0, D // 2)
