@@ -168,12 +168,13 @@ def settings_for(args, shape: Shape, tokens: int, world: int = 1) -> Settings:
     # transformers' own: counted as transformers' layers, an upper bound)
 
     share = args.gradient_checkpointing
-    lean_layers = lean_layers_apply(args, shape.model_type)  # (where they apply, sft applies no Liger kernels)
+    lean_layers = lean_layers_apply(args, shape.model_type)
+    moe = lean_layers and shape.model_type in MOE  # (lean attention: sft applies no Liger kernels to the MoE blocks)
     return Settings(tokens=tokens, loss_tokens=tokens, checkpointed=None if share is None else round(share * shape.layers),
                     quant_bits=args.quant_bits if args.quant_method else None, world=world,
                     fsdp=bool(args.fsdp) and world > 1, lora_rank=args.lora_rank, targets=tuple(args.target_modules),
                     elt=4 if str(args.torch_dtype) in ("float32", "fp32") else 2,
-                    liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None and not lean_layers,
+                    liger=args.use_liger and importlib.util.find_spec("liger_kernel") is not None and not moe,
                     lean=args.lean_lora and not args.quant_method,  # lean LoRA needs a plain (unquantized) base
                     lean_layers=lean_layers and shape.model_type not in PER_LAYER + MOE)
 
