@@ -25,6 +25,7 @@ FAMILIES = {
         "original_max_position_embeddings": 8192}),  # Llama 3.1's RoPE scaling
     "mistral": dict(sliding_window=8),
     "glm4": {},  # (GLM-4-9B-0414's: partial rotary 0.5, interleaved, q/k/v biases, four norms)
+    "glm": {},  # (GLM-4-9B-chat's: the same with two norms)
 }
 FLAGS = {moe: ["--lora_dropout", "0"] for moe in ("qwen3_moe", "qwen2_moe")}  # (PEFT adapts the experts' 3-D weights
 # without dropout)

@@ -338,6 +338,7 @@ FAMILIES = {
     "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
     "olmo2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),
     "glm4": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),  # (its own partial rotary 0.5, q/k/v biases)
+    "glm": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),  # (GLM-4-9B-chat's: two norms, else as glm4)
 }
 
 
@@ -345,7 +346,8 @@ FAMILIES = {
 # the MoEs' attention, their MoE blocks transformers')
 LEAN_LAYERS = {"qwen3": [True, True], "qwen3_moe": [True, True], "qwen2_moe": [True, True], "llama": [True, True],
                "phi3": [True, True], "gemma3_text": [True, True],
-               "granite": [True, True], "olmo2": [True, True], "mistral": [True, True], "glm4": [True, True]}
+               "granite": [True, True], "olmo2": [True, True], "mistral": [True, True], "glm4": [True, True],
+               "glm": [True, True]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -400,6 +402,7 @@ LEAN_FAMILIES = {
     "granite": FAMILIES["granite"],
     "olmo2": FAMILIES["olmo2"],
     "glm4": FAMILIES["glm4"],
+    "glm": FAMILIES["glm"],
     "qwen3_moe": FAMILIES["qwen3_moe"],
     "qwen2_moe": FAMILIES["qwen2_moe"],
 }
@@ -430,7 +433,7 @@ def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(f
     plain_loss, plain_grads = _lean_layer_run(model, 0.0, layers=False, lean=False)
     assert loss == pytest.approx(plain_loss, rel=1e-5)
     # (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj; the MoEs: q/k/v/o, the experts' two, Qwen2-MoE's shared expert)
-    per_layer = {"phi3": 4, "glm4": 6, "qwen3_moe": 6, "qwen2_moe": 9}.get(family, 7)
+    per_layer = {"phi3": 4, "glm4": 6, "glm": 6, "qwen3_moe": 6, "qwen2_moe": 9}.get(family, 7)
     assert len(grads) == 2 * per_layer * SHAPE["num_hidden_layers"]
     assert_close_up_to_summation_order(grads, plain_grads)
 

@@ -11,8 +11,9 @@ lora_B that share the lora_A and its dropout mask: what separate projections cos
 Gemma 2 and Gemma 3, with (1 + w) RMSNorms computed in float32, GeGLU (tanh GELU) and four norms a layer;
 Granite (its residual_multiplier on each branch; its attention_multiplier is the attention's scaling); OLMo 2
 (norms only after attention and after the MLP, q/k norms over all heads, weights times the float32 norm); GLM-4
-(four Llama-style norms as Gemma's, a fused gate_up_proj as Phi-3's, q/k/v biases, and half of each head turned by
-an interleaved RoPE: pairs of neighbouring channels, INTERLEAVED); Qwen2-MoE and Qwen3-MoE (MOE), whose lean
+(glm: Llama's two norms, a fused gate_up_proj as Phi-3's, q/k/v biases, and half of each head turned by an
+interleaved RoPE, pairs of neighbouring channels: INTERLEAVED) and GLM-4-0414 (glm4: the same with four norms, as
+Gemma's); Qwen2-MoE and Qwen3-MoE (MOE), whose lean
 attention comes before an MoE block that runs as transformers computes it (its router, its experts with PEFT's LoRA
 on their 3-D weights, Qwen2-MoE's shared expert on lean LoRA); a dense layer among them (mlp_only_layers) runs all lean
 where its MLP carries LoRA.
@@ -51,12 +52,12 @@ from . import attention, checkpointing, kernels
 from .lora_linear import is_lora_linear, keep_mask, lora_parts, pass_seed
 
 STEP = 65_537  # seed distance between the projections of one group (as use_lean_lora numbers them)
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2", "glm4",
-                 "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2", "glm",
+                 "glm4", "qwen2_moe", "qwen3_moe")
 # Families whose MoE blocks (router, experts, PEFT's LoRA on their 3-D weights) run as transformers computes them,
 # after the lean attention; the memory planners count their layers as transformers' layers (an upper bound)
 MOE = ("qwen2_moe", "qwen3_moe")
-INTERLEAVED = ("glm4",)  # RoPE that turns channel pairs (x0, x1), (x2, x3)... (GLM's), not the two halves
+INTERLEAVED = ("glm", "glm4")  # RoPE that turns channel pairs (x0, x1), (x2, x3)... (GLM's), not the two halves
 # Families whose softcapped layers stay on transformers' layers, layer by layer (the planner, which reads no layer,
 # counts them all as transformers' layers: an upper bound)
 PER_LAYER = ("gemma2",)
