@@ -91,10 +91,10 @@ def test_a_qwen3_moe_adapter_keeps_routing_and_says_what_gguf_lacks(trained, tmp
     assert not (tmp_path / "gguf").exists()
 
 
-def test_a_qwen2_moe_adapter_keeps_routing_and_loads_in_plain_peft(trained):
+def test_a_qwen2_moe_adapter_keeps_routing_and_loads_in_plain_peft(trained, tmp_path):
     """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): LoRA on attention, on the experts' 3-D weights and on the shared
     expert, none on the router nor on the shared expert's gate; PEFT's own PeftModel.from_pretrained loads the adapter
-    and computes what the checkpoint's merged model computes."""
+    and computes what the checkpoint's merged model computes; default dropout is one line before the weights load."""
     import torch
     from peft import PeftModel
     from safetensors import safe_open
@@ -121,6 +121,9 @@ def test_a_qwen2_moe_adapter_keeps_routing_and_loads_in_plain_peft(trained):
         merged = model.merge_and_unload()(input_ids=ids).logits
     assert not torch.allclose(tuned, base)  # the adapter (2 steps at 1e-2) changes the logits
     torch.testing.assert_close(merged, tuned, rtol=1e-4, atol=1e-4)
+    proc = tunesmith("sft", "--model", folder, "--dataset", GUIDE_DATA, "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "pass --lora_dropout 0" in proc.stderr.strip().splitlines()[-1]
+    assert "loaded" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_family_tunesmith_does_not_train_is_one_line_before_any_weights(tmp_path, default_model):
