@@ -344,10 +344,8 @@ FAMILIES = {
 
 # Which layers run lean in sft (max_length 64): all but Gemma 2's softcapped ones (sliding windows of 8 tokens run lean;
 # the MoEs' attention, their MoE blocks transformers')
-LEAN_LAYERS = {"qwen3": [True, True], "qwen3_moe": [True, True], "qwen2_moe": [True, True], "llama": [True, True],
-               "phi3": [True, True], "gemma3_text": [True, True],
-               "granite": [True, True], "olmo2": [True, True], "mistral": [True, True], "glm4": [True, True],
-               "glm": [True, True]}
+LEAN_LAYERS = {family: [True, True] for family in ("qwen3", "llama", "phi3", "gemma3_text", "granite", "olmo2", "mistral",
+                                                  "glm4", "glm", "qwen3_moe", "qwen2_moe")}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -530,8 +528,8 @@ def test_the_memory_model_counts_what_the_lean_layers_of_each_family_keep(family
     per_token = (_kept(m, 48) - _kept(m, 24)) / 24  # (less what does not grow with tokens)
     cfg, hidden = m.config, SHAPE["hidden_size"]
     rotary = int(SHAPE["head_dim"] * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
-    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2, "glm4": 1 + 2}.get(family, 1)  # 1/rms where the norm's
-    # input is kept
+    # 1/rms where the norm's input is kept
+    rows = {"olmo2": 2 + 2, "gemma2": 1 + 2, "gemma3_text": 1 + 2, "glm4": 1 + 2}.get(family, 1)
     rows += cfg.num_attention_heads + cfg.num_key_value_heads if family in ("qwen3", "gemma3_text") else 0  # per head
     ropes = 2 if family == "gemma3_text" else 1  # cos/sin of each kind of layer (Gemma 3: local, global), shared
     small = (7 * args.lora_rank + rows + 2 * rotary * ropes / SHAPE["num_hidden_layers"]) / hidden
