@@ -330,15 +330,17 @@ def lora_config(model, args: SftArguments):
     return config
 
 
+PEFT_MISSES_EXPERTS = ("qwen2_moe",)  # PEFT's conversion maps qwen3_moe onto qwen2_moe's pattern, not qwen2_moe itself
+
+
 def _all_linear_on_moe(model, config) -> None:
-    """all-linear on an MoE whose experts PEFT's conversion misses (it maps qwen3_moe onto qwen2_moe's pattern, but
-    not qwen2_moe itself): the experts' 3-D parameters as it targets qwen3_moe's, gate_up_proj at twice the rank and
-    alpha (the experts' gate and up, once separate Linears, each at r). The shared expert's gate (one output: how much
-    of the shared expert joins) keeps the base model's weights, as the router does."""
-    if not config.target_parameters:
+    """all-linear on an MoE whose experts PEFT's conversion misses (PEFT_MISSES_EXPERTS): the experts' 3-D parameters
+    as it targets qwen3_moe's, gate_up_proj at twice the rank and alpha (the experts' gate and up, once separate
+    Linears, each at r). The shared expert's gate (one output: how much of the shared expert joins) keeps the base
+    model's weights, as the router does."""
+    if getattr(model.config, "model_type", "") in PEFT_MISSES_EXPERTS and not config.target_parameters:
         experts = {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n}
-        if experts:
-            config.target_parameters = experts
+        config.target_parameters = experts or None
         if "gate_up_proj" in experts:
             config.rank_pattern = {**(config.rank_pattern or {}), r".*\.gate_up_proj": 2 * config.r}
             config.alpha_pattern = {**(config.alpha_pattern or {}), r".*\.gate_up_proj": 2 * config.lora_alpha}
