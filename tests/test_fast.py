@@ -115,7 +115,7 @@ def test_linear_cross_entropy_equals_the_plain_loss():
     plain = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
     (g_plain,) = torch.autograd.grad(plain * 3, hidden)
     fused = fused_loss.linear_cross_entropy(hidden, head, targets, budget_bytes=8 * 4 * 50)  # chunks of 64 rows min
-    fused_small = fused_loss._LinearCrossEntropy.apply(hidden, head.weight, targets, 5)  # 8 chunks, one ragged
+    fused_small = fused_loss._LinearCrossEntropy.apply(hidden, head.weight, targets, 5).sum()  # 8 chunks, one ragged
     (g_fused,) = torch.autograd.grad(fused_small * 3, hidden)
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert fused_small.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -124,7 +124,10 @@ def test_linear_cross_entropy_equals_the_plain_loss():
     padded = torch.cat([targets[:30], torch.full((7,), -100)])
     plain = torch.nn.functional.cross_entropy(head(hidden), padded, reduction="sum", ignore_index=-100)
     (g_plain,) = torch.autograd.grad(plain, hidden)
-    fused = fused_loss._LinearCrossEntropy.apply(hidden, head.weight, padded, 5)
+    rows = fused_loss._LinearCrossEntropy.apply(hidden, head.weight, padded, 5)  # each row's loss (rlhf's log-probs)
+    torch.testing.assert_close(rows, torch.nn.functional.cross_entropy(head(hidden), padded, reduction="none",
+                                                                       ignore_index=-100))
+    fused = rows.sum()
     (g_fused,) = torch.autograd.grad(fused, hidden)
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert_close_up_to_summation_order({"hidden": g_fused}, {"hidden": g_plain})

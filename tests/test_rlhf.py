@@ -445,3 +445,34 @@ def test_self_cognition_dpo_from_an_sft_checkpoint_answers_with_its_system_promp
                      "--max_steps", "1", "--model_name", "Tuney", "--model_author", "the tunesmith team",
                      "--output_dir", tmp_path / "out", env_extra=env)
     assert "the base model answers the" in proc.stderr and logged_steps(proc.stdout)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_the_per_token_log_probabilities_are_the_models_own(family):
+    """rlhf's log p(answer token) through sft's packed path equal log_softmax of the model's own logits, with
+    their gradient: through the fused chunks for a plain head, and with Gemma 2's softcapped logits (tanh)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.args import SftArguments
+    from tunesmith.data.template import IGNORE, Encoded
+    from tunesmith.train.batches import loss_of, micro_batches
+    from tunesmith.train.preference import token_logps
+    from tunesmith.train.recipe import add_lora
+
+    extra = dict(final_logit_softcapping=2.0, query_pre_attn_scalar=8, head_dim=8) if family == "gemma2" else {}
+    config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, **extra)
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_config(config).float(), SftArguments(dataset=["x"], lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, 96, (14,)).tolist()
+    (batch,) = list(micro_batches([Encoded(ids, [IGNORE] * 5 + ids[5:])], SftArguments(dataset=["x"]), "cpu"))
+    ours = loss_of(model, batch, loss=token_logps)
+    (ours_grad,) = torch.autograd.grad(ours.sum() * 3, [p for n, p in model.named_parameters() if "lora_A" in n][:1])
+    logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = logits.log_softmax(-1)[4:-1].gather(1, torch.tensor(ids[5:])[:, None]).squeeze(1)
+    (grad,) = torch.autograd.grad(expected.sum() * 3, [p for n, p in model.named_parameters() if "lora_A" in n][:1])
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_grad, grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item())  # (summation order)

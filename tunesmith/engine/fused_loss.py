@@ -24,16 +24,16 @@ def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum of CE(hidden W^T, targets) for a frozen W. The gradient of `hidden` is worked out in the
-    same pass over each chunk of logits (softmax - one-hot, times W), so backward only scales it:
-    no [rows, vocab] tensor outlives its chunk and nothing is recomputed. Within a chunk the float32
-    logits become the softmax in place: one float32 and one half-precision copy at a time."""
+    """CE(hidden W^T, targets) of each row, for a frozen W (0 where the target is negative). The gradient of
+    `hidden` is worked out in the same pass over each chunk of logits (softmax - one-hot, times W), so backward
+    only scales it: no [rows, vocab] tensor outlives its chunk and nothing is recomputed. Within a chunk the
+    float32 logits become the softmax in place: one float32 and one half-precision copy at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, hidden.shape[0], rows):
                 h, t = hidden[i:i + rows].to(weight.dtype), targets[i:i + rows]
@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 top = probs.amax(dim=-1, keepdim=True)
                 sums = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
                 lse = (top + sums.log()).squeeze(1)
-                total += ((lse - picked) * valid).sum()
+                losses[i:i + rows] = (lse - picked) * valid
                 if want_grad:
                     probs.div_(sums)
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
@@ -54,12 +54,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad[i:i + rows] = (part * valid[:, None].to(part.dtype)).to(grad.dtype)
                 del probs
         ctx.save_for_backward(grad)
-        return total
+        return losses
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad * g.to(grad.dtype), None, None, None
+        return grad * g[:, None].to(grad.dtype), None, None, None
 
 
 LOSS_CHUNK_BYTES = 2**27  # float32 logits of the fused loss held at once
@@ -73,7 +73,17 @@ def loss_chunk_rows(vocab: int, budget_bytes: int = LOSS_CHUNK_BYTES) -> int:
 def linear_cross_entropy(hidden, head, targets, budget_bytes: int = LOSS_CHUNK_BYTES):
     """sum of CE(head(hidden), targets). A plain frozen linear head takes the fused path, with
     float32 logits for at most `budget_bytes` at a time; anything else the chunked autograd one."""
-    plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-    if not plain:
+    if not fusable(head):
         return chunked_cross_entropy(hidden, head, targets)
+    return linear_token_nll(hidden, head, targets, budget_bytes).sum()
+
+
+def fusable(head) -> bool:
+    """A plain frozen linear head: the fused loss computes its gradient as it goes."""
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
+def linear_token_nll(hidden, head, targets, budget_bytes: int = LOSS_CHUNK_BYTES):
+    """-log p(target) of each row through a fusable head, float32 logits for at most `budget_bytes` at a time
+    (rlhf's per-token log-probabilities: the same memory as sft's loss)."""
     return _LinearCrossEntropy.apply(hidden, head.weight, targets, loss_chunk_rows(head.weight.shape[0], budget_bytes))

@@ -107,11 +107,15 @@ def loss_of(model, batch, loss=fused_loss.linear_cross_entropy) -> "torch.Tensor
         scaling = getattr(base.config, "logits_scaling", 1.0)
         if scaling != 1.0 and head.bias is None:  # Granite divides its logits: head(h) / s is head(h / s)
             hidden = hidden / scaling
-        if cap and loss is fused_loss.linear_cross_entropy:  # Gemma 2's capped logits (tanh), as its forward
-            import torch  # computes them: the general chunked path
+        if cap:  # Gemma 2's capped logits (tanh), as its forward computes them: the general chunked paths
+            import torch
 
-            return fused_loss.chunked_cross_entropy(hidden, lambda h: torch.tanh(head(h) / cap) * cap,
-                                                    batch["loss_targets"], chunk=1024)
+            def capped(h):
+                return torch.tanh(head(h) / cap) * cap
+
+            if loss is fused_loss.linear_cross_entropy:
+                return fused_loss.chunked_cross_entropy(hidden, capped, batch["loss_targets"], chunk=1024)
+            return loss(hidden, capped, batch["loss_targets"])  # (rlhf's per-token log-probabilities)
         return loss(hidden, head, batch["loss_targets"])
 
 
