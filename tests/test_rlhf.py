@@ -121,6 +121,22 @@ def test_dpo_matches_trl_dpo_trainer(tiny, sft_adapter, tmp_path, loss_type):
     assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]  # it learns to prefer the chosen answers
 
 
+def test_dpo_with_rpo_alpha_matches_trl_sigmoid_plus_sft(tiny, sft_adapter, tmp_path):
+    """--rpo_alpha A (in examples/rlhf.sh's recipe) is TRL's loss_type ["sigmoid", "sft"] weighted [1, A]: the DPO
+    loss plus A times the mean NLL per chosen answer token. (At --beta 1, the recipe's, step 2's rewards/chosen,
+    ten times larger, differed by 1.4e-5, beyond this test's 1e-5.)"""
+    from trl import DPOConfig, DPOTrainer
+
+    steps, stderr = ours("dpo", ms_swift_pairs(tmp_path / "pairs.jsonl"), sft_adapter, tmp_path / "out",
+                         "--rpo_alpha", "0.5")
+    assert "rpo_alpha 0.5" in stderr
+    tok, dataset = trl_pairs(tiny)
+    trainer = DPOTrainer(model=trl_peft_model(tiny, sft_adapter), args=DPOConfig(**trl_common(tmp_path), beta=0.1,
+                         loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), train_dataset=dataset,
+                         processing_class=tok)
+    assert_same_steps(steps, trl_steps(trainer))
+
+
 def test_orpo_matches_trl_orpo_trainer(tiny, sft_adapter, tmp_path):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
