@@ -3,7 +3,7 @@
 # the real `tunesmith sft` (default flags: the lean decoder layers where the family takes them) against
 # transformers + PEFT with ms-swift's best option (packing + Liger, bench/baseline_sft.py), in the same call, on the
 # mixed workload's data and a random-weight 8B-class folder of the family (bench/make_qwen7b.py: Qwen3-8B,
-# Llama-3.1-8B, Gemma-3-12B, Phi-4-mini; glm4: GLM-4-9B-0414) with FAMILY_LAYERS layers (default 12; per-layer figures scale), STEPS
+# Llama-3.1-8B, Gemma-3-12B, Phi-4-mini; glm4: GLM-4-9B-0414; qwen3_moe: Qwen3-30B-A3B) with FAMILY_LAYERS layers (default 12; per-layer figures scale), STEPS
 # optimizer steps each, with sft's schedule on both sides so that the per-step losses compare; with GC=1 ours runs a second time with --gradient_checkpointing true (the memory-matched
 # mode: every layer checkpointed, as the baseline).
 #   NO_7B=1 GC=1 FAMILIES='phi3 qwen3' bash bench/family_speed.sh      (alone, or after bench/gpu_smoke.sh in the same call, which builds the data; logs under $OUT)
@@ -13,14 +13,15 @@ for fam in ${FAMILIES:-qwen3 llama gemma3_text phi3}; do
     F=$W/family-$fam
     [ -f $F/config.json ] || python3 bench/make_qwen7b.py $F --tokenizer .device/tokenizer --family $fam \
         --layers ${FAMILY_LAYERS:-12} >/dev/null
-    sft $fam "${MIXED[@]}" --model family-$fam --max_steps $STEPS; python3 bench/check_run.py summary $fam $L/$fam.log
+    X=(); [[ $fam == *moe ]] && X=(--lora_dropout 0)  # (PEFT adapts the experts' 3-D weights without dropout)
+    sft $fam "${MIXED[@]}" --model family-$fam --max_steps $STEPS "${X[@]}"; python3 bench/check_run.py summary $fam $L/$fam.log
     grep -h "fast path\|memory plan" $L/$fam.log | cut -c1-300
     if [ -n "${GC:-}" ]; then
-        sft $fam-gc "${MIXED[@]}" --model family-$fam --max_steps $STEPS --gradient_checkpointing true
+        sft $fam-gc "${MIXED[@]}" --model family-$fam --max_steps $STEPS --gradient_checkpointing true "${X[@]}"
         python3 bench/check_run.py summary $fam-gc $L/$fam-gc.log
     fi
     (cd $W && timeout 300 python3 $REPO/bench/baseline_sft.py --engine swift_best --max_steps $STEPS -- "${GUIDE[@]}" \
-        "${MIXED[@]}" --model family-$fam 2>$L/baseline_$fam.err >$L/baseline_$fam.json) || tail -3 $L/baseline_$fam.err
+        "${MIXED[@]}" --model family-$fam "${X[@]}" 2>$L/baseline_$fam.err >$L/baseline_$fam.json) || tail -3 $L/baseline_$fam.err
     sed 's/, "losses": .*/}/' $L/baseline_$fam.json; python3 bench/check_run.py versus $L/$fam.log $L/baseline_$fam.json
     rm -rf $F  # (disk)
 done

@@ -72,8 +72,16 @@ GLM4_9B = {
     "attention_bias": True, "attention_dropout": 0.0, "tie_word_embeddings": False, "vocab_size": 151936,
     "torch_dtype": "bfloat16", "use_cache": True,
 }
+QWEN3_30B_A3B = {  # 128 experts of 768, 8 routed a token (the expert count under both names transformers has used)
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_local_experts": 128,
+    "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    "attention_bias": False, "tie_word_embeddings": False, "vocab_size": 151936, "torch_dtype": "bfloat16", "use_cache": True,
+}
 SHAPES = {"qwen2": QWEN25_7B, "qwen3": QWEN3_8B, "llama": LLAMA31_8B, "gemma3_text": GEMMA3_12B, "phi3": PHI4_MINI,
-          "glm4": GLM4_9B}
+          "glm4": GLM4_9B, "qwen3_moe": QWEN3_30B_A3B}
 QWEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}  # the tokenizer's
 
 
@@ -97,8 +105,8 @@ def main():
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    mlp = model.model.layers[0].mlp
-    std = getattr(mlp, "up_proj", getattr(mlp, "gate_up_proj", None)).weight.float().std().item()
+    weight = next(p for p in model.model.layers[0].parameters() if p.dim() >= 2)  # (the MoEs' MLPs have no up_proj)
+    std = weight.float().std().item()
     assert 0.005 < std < 0.1, f"weights look uninitialised (std {std})"
     model.generation_config.eos_token_id = [151645, 151643]
     model.save_pretrained(out)
