@@ -91,8 +91,12 @@ def main():
     if best and DEVICE == "cuda":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                        fused_linear_cross_entropy=True, cross_entropy=False)
+        kernels = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
+        try:
+            _apply_liger_kernel_to_instance(model=model, **kernels)
+        except NotImplementedError as e:  # (GLM-4: Liger has no kernel for its interleaved partial RoPE)
+            print(f"Liger without rope: {e}", file=sys.stderr)
+            _apply_liger_kernel_to_instance(model=model, **dict(kernels, rope=False))
     if best:
         attention.use_document_attention(model)  # per-sample attention over the packed row
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -39,6 +39,44 @@ def fewest_checkpointed(layers: int, hidden: int, elt: int, tokens: int, liger: 
     return next(fits, layers)
 
 
+def moe_layer_width(hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, expert_intermediate: int,
+                    top_k: int, shared_intermediate: int = 0) -> float:
+    """What one MoE layer (lean attention, transformers' MoE block) keeps per token, in hidden-widths: the attention's
+    as on lean layers (lean_layer_widths), and for each of the top_k experts a token goes to its copy of the input, its
+    gate and up, their product and its output; a shared expert's gate, up and product (rough, measured in total on
+    Qwen3-30B-A3B's shape: bench/RESULTS.md s11-1)."""
+    attention = (2 * heads * head_dim + 2 * kv_heads * head_dim) / hidden
+    attention += (heads + kv_heads) * head_dim / hidden if qk_norm else 0
+    routed = top_k * (3 * expert_intermediate + 2 * hidden) / hidden
+    return 2 + attention + routed + 3 * shared_intermediate / hidden
+
+
+def moe_activation_bytes(layers: int, width: float, unit: float, merged: float, checkpointed: int) -> float:
+    """Saved activations of an MoE model's layers with `checkpointed` of them recomputed in backward (unit: one
+    hidden-width of one layer, hidden x element size x tokens). A layer that is not recomputed also keeps its experts'
+    weights with LoRA merged in (`merged` bytes a layer: PEFT merges them on every forward and the experts' matmuls
+    keep them for backward); while one layer runs backward, its merged weights and their gradient are there too."""
+    full = width * unit + merged
+    kept = (layers - checkpointed) * full + checkpointed * unit + (full if checkpointed else 0)
+    return kept + 2 * merged + MARGIN_WIDTH * unit
+
+
+def moe_figures(model, elt: int) -> tuple[float, float] | None:
+    """(moe_layer_width, merged expert bytes a layer) of a model with MoE layers, else None."""
+    cfg = model.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if not experts or not getattr(cfg, "moe_intermediate_size", None):
+        return None
+    heads = cfg.num_attention_heads
+    width = moe_layer_width(cfg.hidden_size, heads, cfg.num_key_value_heads,
+                            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                            getattr(cfg, "model_type", "") == "qwen3_moe", cfg.moe_intermediate_size,
+                            cfg.num_experts_per_tok, getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
+    wrapped = sum(m.get_base_layer().get_parameter(m.parameter_name).numel() for m in model.modules()
+                  if type(m).__name__ == "ParamWrapper")  # PEFT's LoRA on 3-D expert weights
+    return width, wrapped * elt / cfg.num_hidden_layers
+
+
 def usable_for_activations(model, reserve: int = 0, budget: int | None = None) -> float:
     """GPU bytes left for activations: `budget` in all less what is allocated now, else 85% of what is free,
     less `reserve` (the loss) and the adapter's gradients and AdamW states (12 bytes a trainable parameter)."""
@@ -61,8 +99,15 @@ def plan_checkpointing(model, tokens: int | None, liger: bool, lean: bool = Fals
     elt = next(model.parameters()).element_size()
     free = usable_for_activations(model, reserve, budget)
     quantized = bool(getattr(cfg, "quantization_config", None))
-    k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free, quantized)
-    need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized)
+    moe = None if quantized else moe_figures(model, elt)
+    if moe:
+        def need_of(k):
+            return moe_activation_bytes(layers, moe[0], hidden * elt * tokens, moe[1], k)
+        k = next((k for k in range(layers + 1) if need_of(k) <= free), layers)
+        need = need_of(k)
+    else:
+        k = fewest_checkpointed(layers, hidden, elt, tokens, liger, lean, free, quantized)
+        need = activation_bytes(layers, hidden, elt, tokens, k, liger, lean, quantized)
     if need <= free:
         log(f"activations of {tokens} tokens need ~{need / 2**30:.1f} GiB with {k} of {layers} layers "
             f"checkpointed ({free / 2**30:.1f} GiB usable)")

@@ -7,8 +7,9 @@
     loss           one chunk of float32 logits and their gradient (fused_loss.chunked_cross_entropy)
     context        CUDA context, kernels and library workspaces, outside PyTorch's allocator
 
-Dense decoder architectures (Qwen2/3, Llama, Mistral, Gemma, ...): attention with grouped KV heads
-and a gated MLP. Checked against measured peaks on an H100 (bench/gpu_scale.sh).
+Decoder architectures (Qwen2/3, Llama, Mistral, Gemma, ...): attention with grouped KV heads and a gated MLP, or
+an MoE block of gated experts (Qwen2-MoE, Qwen3-MoE: activation_memory.moe_activation_bytes). Checked against
+measured peaks on an H100 (bench/gpu_scale.sh) and an H200 (Qwen3-30B-A3B, bench/RESULTS.md s11-1).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from ..errors import UserError
 from ..console import log
 
 GiB = 2**30
+QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")  # per-head q/k RMSNorm
 CONTEXT = 0.75 * GiB  # CUDA context + cuBLAS/flash workspaces; not counted by torch's allocator
 ALLOCATOR_SLACK = 1.03  # reserved / allocated with expandable segments
 ADAPTER_BYTES = 4 + 4 + 8  # float32 weight, gradient, AdamW exp_avg + exp_avg_sq
 CARDS = [("24 GB (RTX 4090, A10)", 24e9), ("40 GB (A100 40G)", 40e9), ("80 GB (A100/H100 80G)", 80e9)]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -42,6 +45,11 @@ class Shape:
     tied: bool
     qkv_bias: bool
     model_type: str = ""
+    experts: int = 0  # MoE: experts per MoE layer, each of expert_intermediate, top_k of them per token; a shared
+    expert_intermediate: int = 0  # expert of shared_intermediate (Qwen2-MoE); moe_layers of the layers are MoE
+    top_k: int = 0
+    shared_intermediate: int = 0
+    moe_layers: int = 0
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each projection in one decoder layer."""
@@ -51,7 +59,31 @@ class Shape:
 
     @property
     def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.linears().values())
+        """The largest layer's projections (an MoE layer's: attention and its MoE block)."""
+        dense = sum(a * b for a, b in self.linears().values())
+        return dense - self._mlp_params + self.moe_block_params if self.moe_layers else dense
+
+    @property
+    def _mlp_params(self) -> int:
+        return sum(a * b for n, (a, b) in self.linears().items() if n in MLP)
+
+    @property
+    def expert_params(self) -> int:
+        """The routed experts' gate, up and down of one MoE layer (3-D weights, PEFT merges LoRA into them)."""
+        return self.experts * 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def moe_block_params(self) -> int:
+        """One MoE block: the experts, the router, a shared expert and its one-output gate (Qwen2-MoE)."""
+        shared = (3 * self.shared_intermediate + 1) * self.hidden if self.shared_intermediate else 0
+        return self.expert_params + self.experts * self.hidden + shared
+
+    @property
+    def all_linear_params(self) -> int:
+        """Every layer's projections: dense layers' MLPs, MoE layers' blocks."""
+        dense = sum(a * b for a, b in self.linears().values())
+        return (self.layers * (dense - self._mlp_params) + (self.layers - self.moe_layers) * self._mlp_params
+                + self.moe_layers * self.moe_block_params)
 
     @property
     def outer_params(self) -> int:
@@ -66,7 +98,19 @@ class Shape:
 
     @property
     def params(self) -> int:
-        return self.outer_params + self.layers * (self.layer_linear_params + self.layer_other_params)
+        return self.outer_params + self.all_linear_params + self.layers * self.layer_other_params
+
+    def lora_params(self, rank: int, targets) -> int:
+        """LoRA's parameters on these targets. all-linear on an MoE layer: attention, each expert's gate and up (one
+        3-D weight at twice the rank) and down, the shared expert; not the router nor the shared expert's gate."""
+        names = LINEARS if "all-linear" in targets else [t for t in targets if t in LINEARS]
+        per = {n: rank * (a + b) for n, (a, b) in self.linears().items() if n in names}
+        mlp = sum(v for n, v in per.items() if n in MLP)
+        n = self.layers * (sum(per.values()) - mlp) + (self.layers - self.moe_layers) * mlp
+        if self.moe_layers and "all-linear" in targets:
+            h, i, s = self.hidden, self.expert_intermediate, self.shared_intermediate
+            n += self.moe_layers * (self.experts * rank * (2 * (h + 2 * i) + (i + h)) + 3 * rank * (h + s) * bool(s))
+        return n
 
 
 def read_shape(model_path: Path) -> Shape:
@@ -75,11 +119,16 @@ def read_shape(model_path: Path) -> Shape:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         cfg = cfg.get("text_config", cfg)
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+        step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or ())
+        moe_layers = sum(i not in dense and (i + 1) % step == 0 for i in range(cfg["num_hidden_layers"])) if experts else 0
         return Shape(hidden=hidden, intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"], heads=heads,
                      kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or hidden // heads,
                      vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
                      qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
-                     model_type=cfg.get("model_type", ""))
+                     model_type=cfg.get("model_type", ""), experts=experts,
+                     expert_intermediate=cfg.get("moe_intermediate_size") or 0, top_k=cfg.get("num_experts_per_tok") or 0,
+                     shared_intermediate=cfg.get("shared_expert_intermediate_size") or 0, moe_layers=moe_layers)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: cannot plan memory for this model ({type(e).__name__}: {e})") from None
 
@@ -107,7 +156,7 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     `checkpointed=None` pick the layers as `sft` will (activation_memory.fewest_checkpointed)."""
     from ..engine import activation_memory
 
-    linear = shape.layers * shape.layer_linear_params
+    linear = shape.all_linear_params
     other = shape.layers * shape.layer_other_params + shape.outer_params
     if s.quant_bits == 4:  # nf4 + double quantization: 8-bit absmax per 64 weights, fp32 per 256 blocks
         weights = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + other * s.elt
@@ -116,8 +165,7 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
         weights = linear * (1 + 4 / 4096) + other * s.elt + max(a * b for a, b in shape.linears().values()) * s.elt
     else:
         weights = (linear + other) * s.elt
-    targets = LINEARS if "all-linear" in s.targets else [t for t in s.targets if t in LINEARS]
-    lora_params = shape.layers * sum(s.lora_rank * (a + b) for n, (a, b) in shape.linears().items() if n in targets)
+    lora_params = shape.lora_params(s.lora_rank, s.targets)
     adapter = lora_params * ADAPTER_BYTES
     if s.fsdp and s.world > 1:  # layers sharded; two of them whole at a time (the one computing, the next)
         layer_bytes = shape.layer_linear_params * s.elt
@@ -125,7 +173,18 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
         adapter = adapter / s.world
     loss = loss_bytes(shape.vocab, shape.hidden, s.loss_tokens, s.elt)
     checkpointed = s.checkpointed
-    if s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (activation_memory.plan_memory)
+    if shape.moe_layers and not s.quant_bits:  # lean attention, transformers' MoE blocks (activation_memory.plan_checkpointing)
+        width = activation_memory.moe_layer_width(shape.hidden, shape.heads, shape.kv_heads, shape.head_dim,
+                                                  shape.model_type in QK_NORM, shape.expert_intermediate, shape.top_k,
+                                                  shape.shared_intermediate)
+        unit = shape.hidden * s.elt * s.tokens
+        merged = shape.expert_params * s.elt * shape.moe_layers / shape.layers if "all-linear" in s.targets else 0
+        if checkpointed is None:
+            free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
+            checkpointed = next((k for k in range(shape.layers + 1) if activation_memory.moe_activation_bytes(
+                shape.layers, width, unit, merged, k) <= 0.85 * (free - loss)), shape.layers)
+        activations = activation_memory.moe_activation_bytes(shape.layers, width, unit, merged, checkpointed)
+    elif s.lean_layers and not s.quant_bits:  # as sft plans it on lean layers (activation_memory.plan_memory)
         widths = activation_memory.family_widths(shape.model_type, shape.hidden, shape.intermediate, shape.heads,
                                                  shape.kv_heads, shape.head_dim)
         unit = shape.hidden * s.elt * s.tokens
@@ -141,7 +200,7 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
         free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
         checkpointed = activation_memory.fewest_checkpointed(shape.layers, shape.hidden, s.elt, s.tokens, s.liger, s.lean,
                                                 0.85 * (free - loss), bool(s.quant_bits))
-    if not (s.lean_layers and not s.quant_bits):
+    if not ((s.lean_layers or shape.moe_layers) and not s.quant_bits):
         activations = activation_memory.activation_bytes(shape.layers, shape.hidden, s.elt, s.tokens, checkpointed, s.liger, s.lean,
                                             bool(s.quant_bits))
     allocated = weights + adapter + activations + loss
