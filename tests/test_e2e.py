@@ -147,6 +147,18 @@ def test_step_plan_warns_about_the_guides_trap():
     assert len(run_plan(SftArguments(dataset=["x"], num_train_epochs=10, gradient_accumulation_steps=2), 8)["messages"]) == 1
 
 
+def test_preference_tuning_of_an_sft_adapter_is_not_told_its_steps_are_too_few(tmp_path):
+    """rlhf from an SFT checkpoint (--adapters) makes few steps at a small learning rate by design (examples/rlhf.sh);
+    rlhf from the bare base model is warned as sft is."""
+    from tunesmith.args import RlhfArguments
+    from tunesmith.train.recipe import run_plan
+
+    bare = run_plan(RlhfArguments(dataset=["x"], num_train_epochs=1, gradient_accumulation_steps=2), 16)
+    assert bare["max_steps"] == 8 and "too few" in bare["messages"][1]
+    refine = RlhfArguments(dataset=["x"], num_train_epochs=1, gradient_accumulation_steps=2, adapters=[str(tmp_path)])
+    assert run_plan(refine, 16)["messages"] == bare["messages"][:1]
+
+
 def test_no_library_warning_reaches_the_user(tuned):
     """sft, infer and eval print our lines only: no torch/transformers/PEFT warning, no traceback."""
     ckpt, _, sft = tuned

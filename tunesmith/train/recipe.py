@@ -217,7 +217,9 @@ def run_plan(args: SftArguments, n_samples: int, world: int = 1) -> dict:
     msgs = [f"{n_samples} training samples, {per_step} per optimizer step "
             f"(batch {args.per_device_train_batch_size} x accumulation {accumulation}{gpus}): "
             f"{steps_per_epoch} step(s) per epoch, {max_steps} optimizer steps in all"]
-    if max_steps < MIN_USEFUL_STEPS:
+    refining = bool(getattr(args, "rlhf_type", None) and getattr(args, "adapters", None))  # (preference tuning of an
+    # SFT adapter: a few steps at a small learning rate is the recipe, examples/rlhf.sh)
+    if max_steps < MIN_USEFUL_STEPS and not refining:
         msgs.append(
             f"warning: {max_steps} optimizer steps are usually too few to teach the model anything at "
             f"--learning_rate {args.learning_rate:g} (ms-swift's run of the guide with these settings still "
