@@ -1,7 +1,7 @@
 """The baseline for the workload suite: the same training as a `tunesmith sft` command, done the way
 ms-swift does it, on one GPU.
 
-    python bench/baseline_sft.py --engine swift_default|swift_best [--max_steps N] -- SFT_FLAGS...
+    python bench/baseline_sft.py --engine swift_default|swift_best [--max_steps N] [--max_seconds S] -- SFT_FLAGS...
 
 SFT_FLAGS are the `tunesmith sft` flags of the workload; the samples are tokenized by tunesmith's own
 pipeline (same chat template, same answer-only labels) and trained in the same accumulation windows.
@@ -73,6 +73,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--engine", choices=["swift_default", "swift_best"], required=True)
     ap.add_argument("--max_steps", type=int, default=30)
+    ap.add_argument("--max_seconds", type=float, default=None,
+                    help="stop after the step that passes this many seconds; the rate is over the steps done")
     ap.add_argument("flags", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
@@ -133,6 +135,8 @@ def main():
                 t_first = time.time()
             else:
                 tokens += sum(len(s.input_ids) for s in samples)
+                if a.max_seconds and time.time() - t_first > a.max_seconds:
+                    break
     except torch.cuda.OutOfMemoryError:
         error = "out of memory"
     seconds = time.time() - t_first if t_first else 0.0

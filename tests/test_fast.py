@@ -1,5 +1,6 @@
 """The fast path computes the same thing as the plain one (CPU-runnable checks)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -263,7 +264,7 @@ def test_a_shape_never_captured_borrows_the_smallest_graph_that_holds_it(tiny):
 
 def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True, targets=("all-linear",)):
     """Summed loss and LoRA gradients of one packed row, the pass's dropout seed fixed."""
-    from tunesmith.engine import decoder_layer, lora_linear
+    from tunesmith.engine import decoder_layer, lora_linear, moe_lora
 
     args = SftArguments(dataset=["x"], lora_dropout=dropout, target_modules=list(targets))
     torch.manual_seed(0)
@@ -274,6 +275,7 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True, t
     attention.use_document_attention(m.get_base_model())
     if lean:
         lora_linear.use_lean_lora(m)
+        moe_lora.use_lean_experts(m)
     if layers:
         assert decoder_layer.use_lean_layers(m) == len(checkpointing.decoder_layers(m))  # (samples: < 40)
         for layer in checkpointing.decoder_layers(m):
@@ -437,6 +439,56 @@ def test_lean_layers_of_each_family_compute_what_transformers_and_peft_compute(f
     per_layer = {"phi3": 4, "glm4": 6, "glm": 6, "qwen3_moe": 6, "qwen2_moe": 9}.get(family, 7)
     assert len(grads) == 2 * per_layer * SHAPE["num_hidden_layers"]
     assert_close_up_to_summation_order(grads, plain_grads)
+
+
+def _expert_run(model, dtype, grouped=True, off=False, monkeypatch=None):
+    """Loss and LoRA gradients of a tiny MoE in `dtype` through its LoRA'd experts (lean: engine/moe_lora.py)."""
+    from tunesmith.engine import moe_lora
+
+    if monkeypatch is not None and not grouped:
+        monkeypatch.setattr(moe_lora, "_grouped", lambda *a: False)
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    with contextlib.ExitStack() as stack:
+        if off:
+            stack.enter_context(model.disable_adapter())
+        loss = model(input_ids=ids, labels=ids).loss
+    if not off:
+        loss.backward()
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_lean_expert_lora_computes_what_peft_computes(family, monkeypatch):
+    """LoRA on the experts without merging it into their weights: in float32 (one expert at a time) the loss and every
+    gradient of PEFT's merged forward; in bf16 the grouped matmuls give what the one-at-a-time path gives, up to bf16
+    rounding, and both stay near PEFT's; with the adapter switched off (rlhf's reference), the base model exactly."""
+    from tunesmith.engine import moe_lora
+
+    args = SftArguments(dataset=["x"], lora_dropout=0.0)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        peft = add_lora(tiny_family(family).to(dtype), args)
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        lean, looped = copy.deepcopy(peft), copy.deepcopy(peft)
+        assert moe_lora.use_lean_experts(lean) == moe_lora.use_lean_experts(looped) == SHAPE["num_hidden_layers"]
+        runs[dtype] = [_expert_run(m, dtype, grouped=g, monkeypatch=monkeypatch) for m, g in
+                       ((peft, True), (lean, True), (looped, False))]
+        ids = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            base = tiny_family(family).to(dtype)(input_ids=ids, labels=ids).loss.item()
+        assert _expert_run(lean, dtype, off=True)[0] == base
+    (peft32, lean32, _), (peft16, lean16, looped16) = runs[torch.float32], runs[torch.bfloat16]
+    assert lean32[0] == pytest.approx(peft32[0], rel=1e-6)
+    assert len(lean32[1]) == len(peft32[1]) == 2 * SHAPE["num_hidden_layers"] * (6 if family == "qwen3_moe" else 9)
+    assert_close_up_to_summation_order(lean32[1], peft32[1])
+    assert lean16[0] == pytest.approx(looped16[0], rel=1e-2) and lean16[0] == pytest.approx(peft16[0], rel=2e-2)
+    for name, grad in looped16[1].items():
+        assert (lean16[1][name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
 
 
 @pytest.mark.parametrize("family", LEAN_FAMILIES)

@@ -8,6 +8,8 @@ model/resolve, which uses them.)
     TUNESMITH_PREFETCH_READERS=N   reader threads of the prefetch (default 4)
     TUNESMITH_KERNEL_PREBUILD=0    do not build the Triton kernels in worker processes during start-up
     TUNESMITH_STATUS_FILE=PATH     `sft` keeps its state there as JSON (train/status.py; the web UI sets it)
+    TUNESMITH_PEFT_EXPERTS=1       an MoE's expert LoRA runs PEFT's own forward (merged into the expert weights),
+                                   not engine/moe_lora.py's: the baseline bench/family_speed.sh measures beside it
 
 Test hooks, not user features (they make healthy runs fail on purpose, so tests can check the fallbacks):
 
@@ -53,6 +55,10 @@ def kernel_prebuild() -> bool:
 def status_file() -> Path | None:
     value = os.environ.get("TUNESMITH_STATUS_FILE")
     return Path(value) if value else None
+
+
+def peft_experts() -> bool:
+    return _on("TUNESMITH_PEFT_EXPERTS")
 
 
 def fault_captures() -> set[int]:

@@ -17,6 +17,9 @@ ACTIVATION_WIDTH = {(True, True): 20, (False, True): 28, (True, False): 35, (Fal
 MARGIN_WIDTH = 6  # gradients in flight between layers, residual sums: a few more hidden-wide tensors
 
 
+QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")  # families with per-head q/k RMSNorm
+
+
 QUANTIZED_EXTRA_WIDTH = 4  # a bitsandbytes 4/8-bit base keeps a little more per layer (measured: 39 vs 35)
 
 
@@ -45,10 +48,9 @@ def moe_layer_width(hidden: int, heads: int, kv_heads: int, head_dim: int, qk_no
     as on lean layers (lean_layer_widths), and for each of the top_k experts a token goes to its copy of the input, its
     gate and up, their product and its output; a shared expert's gate, up and product (rough, measured in total on
     Qwen3-30B-A3B's shape: bench/RESULTS.md s11-1)."""
-    attention = (2 * heads * head_dim + 2 * kv_heads * head_dim) / hidden
-    attention += (heads + kv_heads) * head_dim / hidden if qk_norm else 0
+    x_h_attention = lean_layer_widths(hidden, 0, heads, kv_heads, head_dim, qk_norm)[0]
     routed = top_k * (3 * expert_intermediate + 2 * hidden) / hidden
-    return 2 + attention + routed + 3 * shared_intermediate / hidden
+    return x_h_attention + routed + 3 * shared_intermediate / hidden
 
 
 MERGED_KEPT, MERGED_TRANSIENT = 0.25, 11  # in merged-expert sizes (bf16 bytes of a layer's expert weights), measured:
@@ -67,7 +69,8 @@ def moe_activation_bytes(layers: int, width: float, unit: float, merged: float, 
 
 
 def moe_figures(model, elt: int) -> tuple[float, float] | None:
-    """(moe_layer_width, merged expert bytes a layer) of a model with MoE layers, else None."""
+    """(moe_layer_width, merged expert bytes a layer) of a model with MoE layers, else None. The merged bytes are
+    those PEFT's own forward merges (moe_lora.use_lean_experts leaves none)."""
     cfg = model.config
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     if not experts or not getattr(cfg, "moe_intermediate_size", None):
@@ -75,10 +78,11 @@ def moe_figures(model, elt: int) -> tuple[float, float] | None:
     heads = cfg.num_attention_heads
     width = moe_layer_width(cfg.hidden_size, heads, cfg.num_key_value_heads,
                             getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                            getattr(cfg, "model_type", "") == "qwen3_moe", cfg.moe_intermediate_size,
+                            getattr(cfg, "model_type", "") in QK_NORM, cfg.moe_intermediate_size,
                             cfg.num_experts_per_tok, getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
     wrapped = sum(m.get_base_layer().get_parameter(m.parameter_name).numel() for m in model.modules()
-                  if type(m).__name__ == "ParamWrapper")  # PEFT's LoRA on 3-D expert weights
+                  if type(m).__name__ == "ParamWrapper" and not hasattr(m, "_tunesmith_peft_forward"))  # PEFT's LoRA
+    # on 3-D expert weights, merged on every forward (moe_lora's lean forward merges nothing)
     return width, wrapped * elt / cfg.num_hidden_layers
 
 
@@ -141,7 +145,7 @@ def family_widths(model_type: str, hidden: int, intermediate: int, heads: int, k
     norms)."""
     gemma = model_type in ("gemma2", "gemma3_text")
     full, mlp, transient = lean_layer_widths(hidden, intermediate, heads, kv_heads, head_dim, gemma=gemma,
-                                             qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"))
+                                             qk_norm=model_type in QK_NORM)
     return (full + 2 if model_type in ("olmo2", "glm4") else full), mlp, transient
 
 

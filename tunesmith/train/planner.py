@@ -22,7 +22,6 @@ from ..errors import UserError
 from ..console import log
 
 GiB = 2**30
-QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")  # per-head q/k RMSNorm
 CONTEXT = 0.75 * GiB  # CUDA context + cuBLAS/flash workspaces; not counted by torch's allocator
 ALLOCATOR_SLACK = 1.03  # reserved / allocated with expandable segments
 ADAPTER_BYTES = 4 + 4 + 8  # float32 weight, gradient, AdamW exp_avg + exp_avg_sq
@@ -175,10 +174,11 @@ def estimate(shape: Shape, s: Settings, card: float | None = None) -> dict:
     checkpointed = s.checkpointed
     if shape.moe_layers and not s.quant_bits:  # lean attention, transformers' MoE blocks (activation_memory.plan_checkpointing)
         width = activation_memory.moe_layer_width(shape.hidden, shape.heads, shape.kv_heads, shape.head_dim,
-                                                  shape.model_type in QK_NORM, shape.expert_intermediate, shape.top_k,
+                                                  shape.model_type in activation_memory.QK_NORM, shape.expert_intermediate, shape.top_k,
                                                   shape.shared_intermediate)
         unit = shape.hidden * s.elt * s.tokens
-        merged = shape.expert_params * s.elt * shape.moe_layers / shape.layers if "all-linear" in s.targets else 0
+        peft_merges = "all-linear" in s.targets and not s.lean  # (lean LoRA: engine/moe_lora.py merges nothing)
+        merged = shape.expert_params * s.elt * shape.moe_layers / shape.layers if peft_merges else 0
         if checkpointed is None:
             free = (card if card is not None else 80e9) - (weights + adapter) * ALLOCATOR_SLACK - CONTEXT
             checkpointed = next((k for k in range(shape.layers + 1) if activation_memory.moe_activation_bytes(

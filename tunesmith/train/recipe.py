@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from . import distributed, planner, resume, status
-from ..engine import activation_memory, attention, checkpointing, cuda_graphs, decoder_layer, lora_linear, patches
+from .. import settings
+from ..engine import activation_memory, attention, checkpointing, cuda_graphs, decoder_layer, lora_linear, moe_lora, patches
 from ..args import SftArguments, save_args
 from .checkpoint import new_run_dir
 from ..data.sources import check_local
@@ -263,6 +264,9 @@ def prepare_model(model, args: SftArguments, device: str, longest_row: int | Non
     if args.lean_lora:
         n = lora_linear.use_lean_lora(model)
         notes += [f"lean LoRA on {n} projections"] if n else []
+        experts = 0 if settings.peft_experts() else moe_lora.use_lean_experts(model)  # (not merged into the
+        # experts' weights, as PEFT does)
+        notes += [f"lean LoRA on the experts of {experts} layers"] if experts else []
         lean = lora_linear.all_lean(model)
         lean_layers = lean_layers and decoder_layer.use_lean_layers(model)
         notes += [decoder_layer.lean_note(lean_layers, reasons, kind in decoder_layer.MOE)] if lean_layers else []
