@@ -44,13 +44,17 @@ def flash_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
 
+def effective_window(window: int | None, longest: int | None) -> int | None:
+    """A sliding window that matters: None when no sample is longer than it (plain causal attention is the same)."""
+    return window if window and (longest is None or int(longest) > window) else None
+
+
 def varlen_attention(q, k, v, bounds, longest: int | None, scale=None, window: int | None = None):
     """Causal attention within each packed sample, over its last `window` tokens where a sliding-window layer
     sets one. q: [T, heads, d]; k, v: [T, kv_heads, d]; returns [T, heads, d]. Flash on CUDA; elsewhere SDPA on
     each sample's slice."""
     global _varlen_failed
-    if window is not None and longest is not None and int(longest) <= window:
-        window = None  # no sample is longer than the window: plain causal attention
+    window = effective_window(window, longest)
     if longest and not _varlen_failed and flash_usable(q):
         try:
             return FlashVarlen.apply(q, k, v, bounds, int(longest), scale, window)
@@ -111,7 +115,7 @@ def document_attention(module, query, key, value, attention_mask, scaling=None, 
     if bounds is None:
         bounds = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
     longest = kwargs.get("max_length_q") or query.shape[2]
-    window = sliding_window if sliding_window and longest > sliding_window else None  # shorter samples: no effect
+    window = effective_window(sliding_window, longest)
     if softcap or (window and query.shape[0] != 1):
         out = _per_sample_banded(query, key, value, bounds, scaling, window, softcap)
         return out.transpose(1, 2).contiguous(), None

@@ -26,12 +26,11 @@ REF = "ref"  # the frozen reference adapter's name (as TRL names it)
 def token_logps(hidden, head, targets, chunk: int = 4096):
     """log p(target) per answer token; the logits exist one chunk at a time: the fused loss's chunks for a plain
     frozen head (as sft's loss), else `chunk` rows, recomputed in backward."""
-    from torch.utils.checkpoint import checkpoint
-
     from ..engine import fused_loss
 
     if fused_loss.fusable(head):
         return -fused_loss.linear_token_nll(hidden, head, targets)
+    from torch.utils.checkpoint import checkpoint
 
     def part(h, t):
         return -F.cross_entropy(head(h).float(), t, reduction="none")
