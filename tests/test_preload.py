@@ -96,3 +96,21 @@ def test_kernel_set_markers_are_apart_for_each_triton_cache_and_setting(tmp_path
     third = kernel_cache.marker(config, {"lora_rank": 8})
     monkeypatch.setenv("TRITON_HOME", str(tmp_path / "d"))
     assert kernel_cache.marker(config, {"lora_rank": 8}) != third
+
+
+def test_an_moe_whose_experts_are_stored_one_by_one_is_not_staged(tmp_path):
+    """transformers saves (and the hub holds) an MoE's experts one tensor each and stacks them into one 3-D weight
+    as it loads: a staged copy could not be adopted and would sit beside the model's own (on the GPU, two copies
+    of the experts at start-up). Such files are left to load_model."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    names = {k for f in files for k in load_file(f)}
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in names  # stored one by one
+    model = load_model(tmp_path, torch.float32, "cpu")
+    assert model.get_parameter("model.layers.0.mlp.experts.gate_up_proj").shape == (4, 32, 32)  # stacked on load
+    assert preload.read_into(files, "cpu", torch.float32) is None

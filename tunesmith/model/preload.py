@@ -7,8 +7,8 @@ stage(): for `sft` on one GPU, a second thread imports torch and copies the file
     tokenizes and plans (and a third imports Triton and our kernels). load.load_model() then
     builds the model around those tensors with transformers' own from_pretrained(state_dict=...):
     no second read, no second copy.
-Anything the stager cannot do (another dtype in the files, no room on the GPU, an error) leaves
-load_model() on its usual path: staging only ever saves time.
+Anything the stager cannot do (another dtype in the files, an MoE's experts stored one by one, no room on the
+GPU, an error) leaves load_model() on its usual path: staging only ever saves time.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -25,6 +26,8 @@ from .. import settings
 CHUNK = 64 << 20  # bytes per pinned staging buffer
 PIECE = 32 << 20  # bytes per read of a prefetch thread
 SPARE = 2 << 30  # GPU memory the staged weights must leave free
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # transformers stacks such tensors into one 3-D weight as it loads: a
+# copy, so staged ones would sit beside it (two copies of the experts: Qwen3-30B-A3B's shape at 12 layers, 29.4 GiB)
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # torch's name -> the safetensors header's
 _stager: Stager | None = None
 
@@ -164,10 +167,13 @@ def _device(name: str):
 
 
 def table(files: list[Path], dtype) -> tuple[list | None, int]:
-    """The files' tensor tables and their bytes; None if some tensor is not of `dtype` (load_model converts those)."""
+    """The files' tensor tables and their bytes; None if some tensor is not of `dtype`, or an MoE's experts are
+    stored one by one (load_model converts those)."""
     tables = [read_header(f) for f in files]
     want = DTYPES.get(str(dtype).replace("torch.", ""))
     if any(t["dtype"] != want for h, _ in tables for t in h.values()):
+        return None, 0
+    if any(PER_EXPERT.search(name) for h, _ in tables for name in h):
         return None, 0
     return tables, sum(t["data_offsets"][1] - t["data_offsets"][0] for h, _ in tables for t in h.values())
 
