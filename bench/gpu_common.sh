@@ -19,12 +19,12 @@ GUIDE=(--model Qwen2.5-7B-Instruct --train_type lora --dataset self_cognition.js
        --logging_steps 5 --max_length 2048 --output_dir output --system 'You are a helpful assistant.'
        --warmup_ratio 0.05 --dataloader_num_workers 4 --model_author swift --model_name swift-robot)
 MIXED=(--dataset mixed.jsonl self_cognition.json --num_train_epochs 3 --logging_steps 1)
-sft() {  # sft NAME FLAGS...: the guide's command with FLAGS after it (later flags win)
+sft() {  # sft NAME FLAGS...: the guide's command with FLAGS after it (later flags win), within SFT_TIMEOUT s if set
     local name=$1; shift
     local t=$(date +%s.%N)
-    (cd $W && CUDA_VISIBLE_DEVICES=0 python3 -m tunesmith sft "${GUIDE[@]}" "$@") > $L/$name.log 2>&1
-    cp "$W/$(sed -n 's/^last_model_checkpoint: //p' $L/$name.log | xargs -r dirname)/logging.jsonl" $L/$name.jsonl 2>/dev/null
+    (cd $W && CUDA_VISIBLE_DEVICES=0 timeout ${SFT_TIMEOUT:-0} python3 -m tunesmith sft "${GUIDE[@]}" "$@") > $L/$name.log 2>&1
     local rc=$?
+    cp "$W/$(sed -n 's/^last_model_checkpoint: //p' $L/$name.log | xargs -r dirname)/logging.jsonl" $L/$name.jsonl 2>/dev/null
     echo "$name: exit $rc, $(python3 -c "import time; print(round(time.time() - $t, 1))") s command to adapter"
     return $rc
 }
