@@ -19,7 +19,7 @@ FLOORS = {
     "train.rlhf": 3, "train.preference": 3,  # train
     "engine.attention": 2, "engine.fused_loss": 2, "engine.patches": 2, "engine.checkpointing": 2,
     "engine.activation_memory": 2, "engine.decoder_layer": 2, "engine.lora_linear": 2, "engine.kernels": 2,
-    "engine.triton_lora": 2, "engine.cuda_graphs": 2, "engine.kernel_cache": 2,  # engine
+    "engine.triton_lora": 2, "engine.cuda_graphs": 2, "engine.kernel_cache": 2, "engine.moe_lora": 2,  # engine
     "model.resolve": 2, "model.load": 2, "model.preload": 2, "model.families": 2,  # model
     "data.sources": 2, "data.template": 2, "data.cache": 2, "data.preference": 2, "data.replay": 2,  # data
     "args": 1, "errors": 1, "quiet": 1, "console": 1, "settings": 1, "files": 1,  # core
