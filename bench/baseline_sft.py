@@ -1,7 +1,7 @@
-"""The baseline for the workload suite: the same training as a `tunesmith sft` command, done the way
-ms-swift does it, on one GPU.
+"""The baselines for the workload suite: the same training as a `tunesmith sft` command, done the way
+ms-swift does it, or by Unsloth, on one GPU.
 
-    python bench/baseline_sft.py --engine swift_default|swift_best [--max_steps N] [--max_seconds S] -- SFT_FLAGS...
+    python bench/baseline_sft.py --engine swift_default|swift_best|unsloth [--max_steps N] [--max_seconds S] -- SFT_FLAGS...
 
 SFT_FLAGS are the `tunesmith sft` flags of the workload; the samples are tokenized by tunesmith's own
 pipeline (same chat template, same answer-only labels) and trained in the same accumulation windows.
@@ -10,7 +10,11 @@ pipeline (same chat template, same answer-only labels) and trained in the same a
 - swift_best: ms-swift's fastest option, padding-free packing (`--packing true`, a window's samples packed
   into rows of --max_length with per-sample attention; flash attention varlen here through torch's own
   kernel, as flash-attn is not installed) plus Liger's kernels (rms_norm, rope, swiglu, fused linear
-  cross-entropy), gradient checkpointing kept.
+  cross-entropy), gradient checkpointing kept;
+- unsloth: Unsloth's 16-bit LoRA at its fastest for this data (`FastLanguageModel`, its own gradient
+  checkpointing `"unsloth"`, its fused LoRA and cross-entropy kernels), fed the same packed rows as swift_best in
+  Unsloth's padding-free form (`packed_seq_lengths`: attention stays inside each sample). Needs the wheels of
+  `../shared/peers/fetch_unsloth_wheels.sh` on the path (bench/gpu_common.sh installs `.whl-unsloth` when carried).
 sft's AdamW and learning-rate schedule (train.recipe.build_optimizer), so the per-step losses compare with the
 run's logging.jsonl. Prints one JSON line: tokens/s over the steps after the first, peak memory, the losses.
 """
@@ -26,6 +30,16 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+UNSLOTH = "unsloth" in sys.argv[1:sys.argv.index("--") if "--" in sys.argv else None]
+if UNSLOTH:  # before transformers and peft, as Unsloth asks; offline, without its usage statistics
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "UNSLOTH_DISABLE_STATISTICS"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_compiled_cache")
+    try:
+        import torchvision.ops  # noqa: F401
+    except Exception:  # unsloth_zoo refuses a torchvision whose compiled ops do not load: hide it
+        sys.modules["torchvision"] = None
+    import unsloth  # noqa: F401
 
 import torch  # noqa: E402
 
@@ -66,29 +80,34 @@ def batch_of(row):
     if len(row) > 1:
         lengths = [len(s.input_ids) for s in row]
         out["position_ids"] = torch.tensor([[p for n in lengths for p in range(n)]], device=DEVICE)
+        if UNSLOTH:  # Unsloth's padding-free collator adds the lengths (int32, on the host)
+            out["packed_seq_lengths"] = torch.tensor(lengths, dtype=torch.int32)
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", choices=["swift_default", "swift_best"], required=True)
-    ap.add_argument("--max_steps", type=int, default=30)
-    ap.add_argument("--max_seconds", type=float, default=None,
-                    help="stop after the step that passes this many seconds; the rate is over the steps done")
-    ap.add_argument("flags", nargs=argparse.REMAINDER)
-    a = ap.parse_args()
-    flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
-    args = cli.parse_args("sft", flags)
-    resolved = resolve_model(args.model)
-    tok = load_tokenizer(resolved.path)
-    data = prepare(args, tok, resolved.path).train
-    accumulation = args.effective_accumulation(1)
-    best = a.engine == "swift_best"
+def load_unsloth(path, args):
+    """Unsloth's model and LoRA with the run's rank, alpha, dropout and seed; its own checkpointing, or none with
+    UNSLOTH_GC=0 (faster where the memory is there)."""
+    from unsloth import FastLanguageModel
 
+    checkpointing = "unsloth" if os.environ.get("UNSLOTH_GC", "1") != "0" else False
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(path), max_seq_length=args.max_length, dtype=torch.bfloat16, load_in_4bit=False,
+        load_in_8bit=False, load_in_16bit=True, full_finetuning=False, use_gradient_checkpointing=checkpointing,
+        local_files_only=True)
+    return FastLanguageModel.get_peft_model(
+        model, r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing=checkpointing, random_state=args.seed)
+
+
+def load_transformers(path, args, best: bool):
+    """transformers + PEFT with gradient checkpointing; best: Liger's kernels and per-sample attention."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.bfloat16, attn_implementation="sdpa",
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
                                                  device_map={"": DEVICE})
     if best and DEVICE == "cuda":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -103,8 +122,26 @@ def main():
         attention.use_document_attention(model)  # per-sample attention over the packed row
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", choices=["swift_default", "swift_best", "unsloth"], required=True)
+    ap.add_argument("--max_steps", type=int, default=30)
+    ap.add_argument("--max_seconds", type=float, default=None,
+                    help="stop after the step that passes this many seconds; the rate is over the steps done")
+    ap.add_argument("flags", nargs=argparse.REMAINDER)
+    a = ap.parse_args()
+    flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
+    args = cli.parse_args("sft", flags)
+    resolved = resolve_model(args.model)
+    tok = load_tokenizer(resolved.path)
+    data = prepare(args, tok, resolved.path).train
+    accumulation = args.effective_accumulation(1)
+    best = a.engine != "swift_default"  # packed rows
+    model = load_unsloth(resolved.path, args) if UNSLOTH else load_transformers(resolved.path, args, best)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = build_optimizer(model, args, a.max_steps)  # sft's AdamW and learning-rate schedule
     model.train()
@@ -121,7 +158,7 @@ def main():
             for row in rows(samples, best, args.max_length):
                 batch = batch_of(row)
                 n = int((batch["labels"][:, 1:] != IGNORE).sum())
-                out = model(**batch)  # mean over the row's answer tokens: re-weighted to the window's
+                out = model(**batch, use_cache=False)  # mean over the row's answer tokens: re-weighted to the window's
                 (out.loss * n / n_target).backward()
                 total += out.loss.detach().item() * n / n_target
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

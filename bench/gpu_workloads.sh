@@ -3,7 +3,8 @@
 # random-weight Qwen2.5-7B, beside the ms-swift-style baselines (bench/baseline_sft.py) in the same call:
 #   bash bench/gpu_workloads.sh [guide] [mixed] [chat] [long] [bench] [baseline]    (logs, JSON under $OUT)
 # Each workload: command to adapter (wall), training tokens/s from logging.jsonl, peak reserved memory
-# against the planner's estimate, final loss; `baseline` runs swift_default and swift_best on the same data.
+# against the planner's estimate, final loss; `baseline` runs swift_default and swift_best on the same data
+# (BASELINE_ENGINES='... unsloth' adds Unsloth: carry .whl-unsloth). NO_EAGER=1: mixed without its eager run.
 source "$(dirname "$0")/gpu_common.sh"
 CHAT=(--dataset chat.jsonl --gradient_accumulation_steps 8 --max_length 16384 --num_train_epochs 1 --logging_steps 1)
 LONG=(--dataset long.jsonl --max_length 65536 --num_train_epochs 1 --gradient_accumulation_steps 2 --logging_steps 1)
@@ -11,7 +12,8 @@ summary() { python3 bench/check_run.py summary "$@" | tee -a $OUT/workloads.json
 baseline() {  # baseline NAME STEPS FLAGS...
     local name=$1 steps=$2; shift 2
     for engine in ${BASELINE_ENGINES:-swift_default swift_best}; do
-        (cd $W && timeout ${BASELINE_TIMEOUT:-300} python3 $REPO/bench/baseline_sft.py --engine $engine --max_steps $steps -- \
+        local path=$REPO; [ $engine = unsloth ] && path=$UNSLOTH_SITE:$REPO
+        (cd $W && PYTHONPATH=$path timeout ${BASELINE_TIMEOUT:-300} python3 $REPO/bench/baseline_sft.py --engine $engine --max_steps $steps -- \
             "${GUIDE[@]}" "$@" 2>$L/baseline_${name}_$engine.err | sed "s/^{/{\"workload\": \"$name\", /") \
             | tee -a $OUT/workloads.jsonl || tail -3 $L/baseline_${name}_$engine.err
     done
@@ -26,7 +28,7 @@ guide)  # each on a cold Triton cache, as on a fresh machine
        TRITON_CACHE_DIR=/tmp/triton-g1 sft guide; summary guide $L/guide.log
        TRITON_CACHE_DIR=/tmp/triton-g2 sft guide_eager --cuda_graphs false; summary guide_eager $L/guide_eager.log ;;
 mixed) sft mixed "${MIXED[@]}"; summary mixed $L/mixed.log; grep -h "CUDA graph" $L/mixed.log
-       sft mixed_eager "${MIXED[@]}" --cuda_graphs false; summary mixed_eager $L/mixed_eager.log ;;
+       [ -n "${NO_EAGER:-}" ] || { sft mixed_eager "${MIXED[@]}" --cuda_graphs false; summary mixed_eager $L/mixed_eager.log; } ;;
 mixed_baseline) baseline mixed ${BASELINE_STEPS:-40} "${MIXED[@]}" ;;
 mixed_gc) sft mixed_gc "${MIXED[@]}" --gradient_checkpointing true; summary mixed_gc $L/mixed_gc.log ;;
 chat) sft chat "${CHAT[@]}"; summary chat $L/chat.log ;;
