@@ -17,7 +17,7 @@ echo "== before tuning =="
 ask  # no --system: the model's own default, as in the guide
 mkdir -p output
 
-echo "== tuning on the guide's 8 self-cognition records, 8 English ones of ours, and 4 general answers of the base model replayed =="
+echo "== tuning on the guide's 8 self-cognition records and 8 English ones of ours =="
 tunesmith sft \
     --train_type lora \
     --dataset self_cognition.json 'self-cognition:en#8' \
@@ -34,8 +34,7 @@ tunesmith sft \
     --output_dir output \
     --system 'You are a helpful assistant.' \
     --model_author 'CSDN 迪菲赫尔曼' \
-    --model_name Swift-Robot \
-    --replay_ratio 0.25 | tee output/.last_run
+    --model_name Swift-Robot | tee output/.last_run
 
 CKPT=$(sed -n 's/^last_model_checkpoint: //p' output/.last_run)
 echo "== before / after tuning ($CKPT): the guide's section 4.2 table =="

@@ -27,7 +27,6 @@ README_SFT = [
     "--logging_steps", "5", "--max_length", "2048",
     "--system", "You are a helpful assistant.",
     "--model_author", "CSDN 迪菲赫尔曼", "--model_name", "Swift-Robot",
-    "--replay_ratio", "0.25",
 ]
 
 
