@@ -44,7 +44,7 @@ if UNSLOTH:  # before transformers and peft, as Unsloth asks; offline, without i
 import torch  # noqa: E402
 
 from tunesmith import cli  # noqa: E402
-from tunesmith.engine import attention
+from tunesmith.engine import attention, decoder_layer
 from tunesmith.model.load import load_tokenizer  # noqa: E402
 from tunesmith.model.resolve import resolve_model
 from tunesmith.data.template import IGNORE  # noqa: E402
@@ -98,7 +98,7 @@ def load_unsloth(path, args):
         local_files_only=True)
     return FastLanguageModel.get_peft_model(
         model, r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=list(decoder_layer.PROJECTIONS),  # all-linear, named: Unsloth takes names
         use_gradient_checkpointing=checkpointing, random_state=args.seed)
 
 

@@ -9,11 +9,14 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=${W:-/tmp/ws}; L=${L:-/tmp/logs}; mkdir -p $W $L  # logs go to $L, and back as one archive (finish)
 export RUNS_IN=$W  # where check_run.py finds the run folders the logs name
 [ -d .device/wheels ] && python3 -m pip install --no-deps -q .device/wheels/*.whl 2>&1 | grep -v WARNING | tail -1
-# Unsloth (baseline_sft.py --engine unsloth) apart in $UNSLOTH_SITE, on the path of that engine only: carry
-# .whl-unsloth, made by ../shared/peers/fetch_unsloth_wheels.sh
 UNSLOTH_SITE=/tmp/unsloth-site
-[ -d .whl-unsloth ] && [ ! -d $UNSLOTH_SITE ] && python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target $UNSLOTH_SITE .whl-unsloth/*.whl 2>&1 | grep -v WARNING | tail -1
+unsloth_site() {  # Unsloth (baseline_sft.py --engine unsloth) apart in $UNSLOTH_SITE, on that engine's path only,
+    # installed at its first use from a carried .whl-unsloth (made by ../shared/peers/fetch_unsloth_wheels.sh)
+    [ -f $UNSLOTH_SITE/.done ] && return
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $UNSLOTH_SITE $REPO/.whl-unsloth/*.whl \
+        > $L/unsloth_site.log 2>&1 || { echo "unsloth: $(tail -1 $L/unsloth_site.log)"; return 1; }
+    touch $UNSLOTH_SITE/.done
+}
 cp examples/self_cognition.json $W/
 [ -n "${MODEL_DIR:-}${NO_7B:-}" ] || [ -f $W/Qwen2.5-7B-Instruct/config.json ] || python3 bench/make_qwen7b.py $W/Qwen2.5-7B-Instruct --tokenizer .device/tokenizer
 [ -f $W/mixed.jsonl ] || python3 bench/workloads.py $W >/dev/null

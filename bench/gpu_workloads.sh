@@ -12,7 +12,7 @@ summary() { python3 bench/check_run.py summary "$@" | tee -a $OUT/workloads.json
 baseline() {  # baseline NAME STEPS FLAGS...
     local name=$1 steps=$2; shift 2
     for engine in ${BASELINE_ENGINES:-swift_default swift_best}; do
-        local path=$REPO; [ $engine = unsloth ] && path=$UNSLOTH_SITE:$REPO
+        local path=$REPO; [ $engine = unsloth ] && unsloth_site && path=$UNSLOTH_SITE:$REPO
         (cd $W && PYTHONPATH=$path timeout ${BASELINE_TIMEOUT:-300} python3 $REPO/bench/baseline_sft.py --engine $engine --max_steps $steps -- \
             "${GUIDE[@]}" "$@" 2>$L/baseline_${name}_$engine.err | sed "s/^{/{\"workload\": \"$name\", /") \
             | tee -a $OUT/workloads.jsonl || tail -3 $L/baseline_${name}_$engine.err
