@@ -134,6 +134,9 @@ def main():
                     help="stop after the step that passes this many seconds; the rate is over the steps done")
     ap.add_argument("flags", nargs=argparse.REMAINDER)
     a = ap.parse_args()
+    if UNSLOTH != (a.engine == "unsloth"):  # UNSLOTH was read from argv before argparse, to import Unsloth first
+        sys.exit(f"baseline_sft: --engine {a.engine}, but the command line was read as {'' if UNSLOTH else 'not '}"
+                 "asking for unsloth; give --engine ENGINE as two words before --")
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
     args = cli.parse_args("sft", flags)
     resolved = resolve_model(args.model)

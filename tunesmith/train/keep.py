@@ -1,0 +1,152 @@
+"""--keep_kl: hold the rest of the model where it was while the adapter learns the user's data.
+
+Every few optimizer steps the model also trains on a few prompts of the built-in general bank (data/replay.py),
+answered as the base model answered them, towards the base model's own next-token distribution there:
+
+    loss of such a step = (mean cross-entropy over the window's answer tokens)
+                          + keep_kl x every x (mean over the prompts' first ANSWER_TOKENS answer tokens of KL(base || tuned))
+
+The bank adds about SHARE of the tokens the user's windows train on: `every` EVERY steps or more, one pass of up to
+MAX_PROMPTS prompts packed in one row (the guide's two short records a step: 2 prompts every 4th step; windows of
+thousands of tokens: 8 every 4th). A pass costs a whole model's kernels however short it is, hence not every
+step. The weight is scaled by `every`, so the pull per step is keep_kl whatever `every` is.
+
+The base's distribution is the same model with the adapter switched off (PEFT's disable_adapter, as rlhf's
+reference): no second copy of the model. It is worked out once per bank prompt, the first time that prompt comes
+up, and kept as its TOP_K tokens plus the mass of all the others, so the KL is exact over that partition.
+
+Unlike --replay_ratio, which mixes the base's answers into the data as more samples (so more optimizer steps, and
+its cross-entropy pulls towards one greedy answer), this adds no step: one short forward and backward more every
+`every` steps, and for prompts met the first time one forward with the adapter off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from ..console import log
+from ..data import replay
+from ..data.template import IGNORE, Encoded
+from ..errors import UserError
+from .batches import loss_of, micro_batches
+
+TOP_K = 32  # the base's most likely tokens kept per position; the rest count as one outcome
+ANSWER_TOKENS = 32  # the answer's first tokens: where a model says what it knows ("...的首都是北京")
+SHARE = 0.25  # bank tokens trained per token of the user's windows, about
+EVERY = 4  # steps between two passes of the term, at least: each pass costs the GPU's host a whole model's kernels
+MAX_PROMPTS = 8  # bank prompts in one pass (one packed row)
+
+
+class KeepTerm:
+    """The --keep_kl term: step(n) runs its forward and backward on every `every`-th step, over `prompts` bank
+    prompts in one packed row, and adds its gradient to .grad; metrics() is the mean KL per token since the last
+    log line."""
+
+    def __init__(self, model, samples: list[Encoded], weight: float, every: int, prompts: int, seed: int, device: str):
+        self.model, self.samples, self.device = model, samples, device
+        self.every, self.prompts, self.weight = every, prompts, weight * every  # the pull per step is `weight`
+        self.order = list(range(len(samples)))
+        random.Random(seed).shuffle(self.order)
+        self.reference: dict[int, tuple] = {}  # prompt -> (top-k ids, their log-probs, log-mass of the rest)
+        self.sums, self.count = None, 0  # the KL per token since the last log line, summed on the device
+
+    @classmethod
+    def build(cls, model, template, args, model_path, device, window_tokens: float) -> KeepTerm | None:
+        """The term for this run, or None when --keep_kl is 0. The bank's answers are replay.ensure()'s;
+        `window_tokens`: the mean tokens of one optimizer step's window (this process's)."""
+        if not args.keep_kl:
+            return None
+        path = replay.answers_file(args, model_path)
+        if not path.exists():  # `tunesmith sft` generates them first (replay.ensure); a direct train.run does not
+            raise UserError(f"--keep_kl {args.keep_kl:g}: the base model's answers are not generated yet ({path}); "
+                            "run `tunesmith sft`, which generates them once")
+        samples = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            enc = template.encode([{"role": "user", "content": record["query"]},
+                                   {"role": "assistant", "content": record["response"]}])
+            samples.append(_first_answer_tokens(enc, ANSWER_TOKENS))
+        samples = [s for s in samples if s.n_trained]
+        bank_tokens = sum(len(s.input_ids) for s in samples) / max(1, len(samples))
+        window_tokens = max(1.0, window_tokens)
+        every = max(EVERY, round(bank_tokens / (SHARE * window_tokens)))
+        prompts = min(MAX_PROMPTS, len(samples), max(1, round(SHARE * window_tokens * every / bank_tokens)))
+        log(f"--keep_kl {args.keep_kl:g}: every {_nth(every)} step also holds the model to the base model's own "
+            f"answers on {prompts} of {len(samples)} general prompts (KL to the adapter-off model over their first "
+            f"{ANSWER_TOKENS} answer tokens; about {100 * bank_tokens * prompts / every / window_tokens:.0f}% more "
+            "tokens trained)")
+        return cls(model, samples, args.keep_kl, every, prompts, args.seed, device)
+
+    def step(self, step: int, args) -> None:
+        """On every `every`-th step: forward and backward of its bank prompts; their gradient (times keep_kl x
+        every, a mean over their answer tokens) joins .grad."""
+        if step % self.every:
+            return
+        first = (step // self.every - 1) * self.prompts
+        chosen = [self.order[(first + i) % len(self.order)] for i in range(self.prompts)]
+        new = [i for i in chosen if i not in self.reference]
+        if new:
+            self._reference(new, args)
+        micros = list(micro_batches([self.samples[i] for i in chosen], args, self.device))
+        n = sum(len(m["loss_targets"]) for m in micros)
+        reference = [torch.cat(t) for t in zip(*(self.reference[i] for i in chosen))]  # in the micros' order
+        at = 0
+        for micro in micros:  # one packed row, unless --packing_window is off
+            k = len(micro["loss_targets"])
+            ids, logp, rest = (t[at:at + k] for t in reference)
+            loss = loss_of(self.model, micro, loss=lambda hidden, head, _: _kl(head(hidden), ids, logp, rest))
+            (loss * (self.weight / n)).backward()  # no loss outlives its backward (see loop._eager_window)
+            kl = loss.detach() / n  # no host sync here: the GPU runs on while the next window is issued
+            self.sums = kl if self.sums is None else self.sums + kl
+            at += k
+            del loss
+        self.count += 1
+
+    def _reference(self, prompts: list[int], args) -> None:
+        """The base's top-k tokens and log-probabilities at each prompt's answer positions, and the log-mass of
+        the rest, kept on the device (TOP_K x ANSWER_TOKENS numbers a prompt)."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                logits = torch.cat([loss_of(self.model, micro, loss=lambda hidden, head, _: head(hidden)).float()
+                                    for micro in micro_batches([self.samples[i] for i in prompts], args, self.device)])
+        finally:
+            self.model.train(training)
+        logp, ids = torch.log_softmax(logits, -1).topk(TOP_K, dim=-1)
+        rest = _log1mexp(torch.logsumexp(logp, -1))
+        for i, part in zip(prompts, zip(*(t.split([self.samples[i].n_trained for i in prompts]) for t in (ids, logp, rest)))):
+            self.reference[i] = part
+
+    def metrics(self) -> dict:
+        out = {"keep_kl": round(float(self.sums) / self.count, 6)} if self.count else {}
+        self.sums, self.count = None, 0
+        return out
+
+
+def _kl(logits, ids, base_logp, base_rest):
+    """Summed KL(base || tuned) over positions, on the partition {the base's top-k tokens, everything else}."""
+    logq = torch.log_softmax(logits.float(), -1)
+    q_top = logq.gather(-1, ids)
+    q_rest = _log1mexp(torch.logsumexp(q_top, -1))
+    p_top, p_rest = base_logp.exp(), base_rest.exp()
+    return (p_top * (base_logp - q_top)).sum() + (p_rest * (base_rest - q_rest)).sum()
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0, kept finite where the top-k hold (nearly) all the mass."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x < -0.6931, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _nth(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _first_answer_tokens(enc: Encoded, n: int) -> Encoded:
+    """The prompt and the first n answer tokens (the rest of the sample is dropped, never trained on)."""
+    first = next((k for k, t in enumerate(enc.labels) if t != IGNORE), len(enc.labels))
+    return Encoded(enc.input_ids[:first + n], enc.labels[:first + n])
