@@ -70,6 +70,9 @@ class KeepTerm:
                                    {"role": "assistant", "content": record["response"]}])
             samples.append(_first_answer_tokens(enc, ANSWER_TOKENS))
         samples = [s for s in samples if s.n_trained]
+        if not samples:
+            raise UserError(f"--keep_kl {args.keep_kl:g}: none of the base model's answers in {path} has an answer "
+                            "token under this chat template; train without it (--keep_kl 0)")
         bank_tokens = sum(len(s.input_ids) for s in samples) / max(1, len(samples))
         window_tokens = max(1.0, window_tokens)
         every = max(EVERY, round(bank_tokens / (SHARE * window_tokens)))
