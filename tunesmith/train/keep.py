@@ -32,6 +32,7 @@ from ..data import replay
 from ..data.template import IGNORE, Encoded
 from ..errors import UserError
 from .batches import loss_of, micro_batches
+from .preference import log1mexp
 
 TOP_K = 32  # the base's most likely tokens kept per position; the rest count as one outcome
 ANSWER_TOKENS = 32  # the answer's first tokens: where a model says what it knows ("...的首都是北京")
@@ -54,11 +55,9 @@ class KeepTerm:
         self.sums, self.count = None, 0  # the KL per token since the last log line, summed on the device
 
     @classmethod
-    def build(cls, model, template, args, model_path, device, window_tokens: float) -> KeepTerm | None:
-        """The term for this run, or None when --keep_kl is 0. The bank's answers are replay.ensure()'s;
+    def build(cls, model, template, args, model_path, device, window_tokens: float) -> KeepTerm:
+        """The term for a run with --keep_kl. The bank's answers are replay.ensure()'s;
         `window_tokens`: the mean tokens of one optimizer step's window (this process's)."""
-        if not args.keep_kl:
-            return None
         path = replay.answers_file(args, model_path)
         if not path.exists():  # `tunesmith sft` generates them first (replay.ensure); a direct train.run does not
             raise UserError(f"--keep_kl {args.keep_kl:g}: the base model's answers are not generated yet ({path}); "
@@ -119,9 +118,7 @@ class KeepTerm:
                                     for micro in micro_batches([self.samples[i] for i in prompts], args, self.device)])
         finally:
             self.model.train(training)
-        logp, ids = torch.log_softmax(logits, -1).topk(TOP_K, dim=-1)
-        rest = _log1mexp(torch.logsumexp(logp, -1))
-        for i, part in zip(prompts, zip(*(t.split([self.samples[i].n_trained for i in prompts]) for t in (ids, logp, rest)))):
+        for i, part in zip(prompts, zip(*(t.split([self.samples[i].n_trained for i in prompts]) for t in top_k(logits)))):
             self.reference[i] = part
 
     def metrics(self) -> dict:
@@ -130,19 +127,24 @@ class KeepTerm:
         return out
 
 
+def top_k(logits, k: int = TOP_K):
+    """(ids, log-probabilities) of the k most likely tokens per position, and the log-mass of all the others."""
+    logp, ids = torch.log_softmax(logits, -1).topk(k, dim=-1)
+    return ids, logp, _rest(logp)
+
+
 def _kl(logits, ids, base_logp, base_rest):
     """Summed KL(base || tuned) over positions, on the partition {the base's top-k tokens, everything else}."""
     logq = torch.log_softmax(logits.float(), -1)
     q_top = logq.gather(-1, ids)
-    q_rest = _log1mexp(torch.logsumexp(q_top, -1))
+    q_rest = _rest(q_top)
     p_top, p_rest = base_logp.exp(), base_rest.exp()
     return (p_top * (base_logp - q_top)).sum() + (p_rest * (base_rest - q_rest)).sum()
 
 
-def _log1mexp(x):
-    """log(1 - exp(x)) for x <= 0, kept finite where the top-k hold (nearly) all the mass."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x < -0.6931, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+def _rest(top_logp):
+    """log(1 - the top tokens' mass), kept finite where they hold (nearly) all of it."""
+    return log1mexp(torch.logsumexp(top_logp, -1).clamp(max=-1e-7))
 
 
 def _nth(n: int) -> str:

@@ -36,7 +36,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
     `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss;
     `graphed` (cuda_graphs.py): replays each packed row from a CUDA graph where it can;
     `objective`: what a window's loss is a mean over, and its batches (sft: AnswerTokens; rlhf: preference.py);
-    `keep` (keep.py, --keep_kl): one more short forward+backward a step that holds the model to the base."""
+    `keep` (keep.py, --keep_kl): every few steps one more short forward+backward that holds the model to the base."""
     par = par or distributed.Parallel()
     forward = forward or (lambda batch: loss_of(model, batch))
     objective = objective or AnswerTokens()
