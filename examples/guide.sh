@@ -17,7 +17,7 @@ echo "== before tuning =="
 ask  # no --system: the model's own default, as in the guide
 mkdir -p output
 
-echo "== tuning on the guide's 8 self-cognition records and 8 English ones of ours =="
+echo "== tuning on the guide's 8 self-cognition records and 8 English ones of ours, held to the base elsewhere =="
 tunesmith sft \
     --train_type lora \
     --dataset self_cognition.json 'self-cognition:en#8' \
@@ -33,6 +33,7 @@ tunesmith sft \
     --max_length 2048 \
     --output_dir output \
     --system 'You are a helpful assistant.' \
+    --keep_kl 1 \
     --model_author 'CSDN 迪菲赫尔曼' \
     --model_name Swift-Robot | tee output/.last_run
 

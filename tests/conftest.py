@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE_DATA = ROOT / "examples" / "self_cognition.json"
-# The README's main job: the guide's flags, but with enough optimizer steps to learn (see README).
+# The README's main job: the guide's flags, but with enough optimizer steps to learn, and held to the base model on
+# general prompts (--keep_kl; see README).
 README_SFT = [
     "--train_type", "lora", "--dataset", str(GUIDE_DATA), "self-cognition:en#8", "--torch_dtype", "bfloat16",
     "--num_train_epochs", "5",
@@ -25,7 +26,7 @@ README_SFT = [
     "--learning_rate", "1e-4",
     "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
     "--logging_steps", "5", "--max_length", "2048",
-    "--system", "You are a helpful assistant.",
+    "--system", "You are a helpful assistant.", "--keep_kl", "1",
     "--model_author", "CSDN 迪菲赫尔曼", "--model_name", "Swift-Robot",
 ]
 

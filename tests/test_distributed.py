@@ -35,11 +35,11 @@ def tensors(ckpt: Path) -> dict:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def same_training(single, multi):
+def same_training(single, multi, steps=4):
     import torch
 
     (ckpt1, losses1, _), (ckpt2, losses2, proc) = single, multi
-    assert len(losses2) == len(losses1) == 4
+    assert len(losses2) == len(losses1) == steps
     assert losses2 == pytest.approx(losses1, rel=1e-4)  # the same global batch of 2, the same update
     a, b = tensors(ckpt1), tensors(ckpt2)
     assert a.keys() == b.keys() and {t.dtype for t in b.values()} == {torch.float32}
@@ -50,7 +50,7 @@ def same_training(single, multi):
     assert cfg1.keys() == cfg2.keys() and set(cfg1["target_modules"]) == set(cfg2["target_modules"])
     run = ckpt2.parent
     assert [p.name for p in run.parent.iterdir()] == [run.name]  # one run folder, written by rank 0 alone
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoint-4", "images", "logging.jsonl", "runs"]
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", f"checkpoint-{steps}", "images", "logging.jsonl", "runs"]
     assert len(list((run / "runs").iterdir())) == 1  # one TensorBoard event file
     assert proc.stdout.count("last_model_checkpoint") == 1
     assert proc.stderr.count("run folder:") == 1 and "Traceback" not in proc.stderr
@@ -71,6 +71,27 @@ def test_fsdp_shards_and_saves_the_same_adapter(single, tmp_path):
     multi = train(tmp_path / "out", "--gradient_accumulation_steps", "1", "--fsdp", "true", nproc=2)
     same_training(single, multi)
     assert "FSDP2 sharding of the base model" in multi[2].stderr
+
+
+KEEP = ("--keep_kl", "20", "--max_steps", "8")
+
+
+@pytest.fixture(scope="module")
+def keep_single(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("keep1"), "--gradient_accumulation_steps", "2", *KEEP)
+
+
+@pytest.mark.parametrize("sharding", [(), ("--fsdp", "true")], ids=["ddp", "fsdp"])
+def test_keep_kl_in_two_processes_trains_like_one(keep_single, sharding, tmp_path):
+    """--keep_kl's pass split over the processes, its gradient exchanged with the window's: the same updates as one
+    process makes, so the losses after its passes (steps 4 and 8) agree too (a share of it counted once per process
+    instead of once in all departs by 5e-3 at step 5)."""
+    two = train(tmp_path / "out", "--gradient_accumulation_steps", "1", *KEEP, *sharding, nproc=2)
+    same_training(keep_single, two, steps=8)
+    assert "every 4th step also holds the model to the base model's own answers on 2 of" in two[2].stderr
+    logged = [[x["keep_kl"] for x in map(json.loads, (run[0].parent / "logging.jsonl").read_text().splitlines())
+               if "keep_kl" in x] for run in (keep_single, two)]
+    assert len(logged[0]) == 2 and logged[1] == pytest.approx(logged[0], rel=1e-3)  # steps 4 and 8, both halves
 
 
 def test_bad_process_count_is_one_line(tmp_path):

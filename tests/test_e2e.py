@@ -50,6 +50,8 @@ def test_run_folder_is_laid_out_like_the_reference(tuned):
     for key in ["loss", "grad_norm", "learning_rate", "epoch", "elapsed_time", "remaining_time", "memory(GiB)", "tokens/s"]:
         assert key in steps[0]
     assert steps[-1]["loss"] < steps[0]["loss"] / 5
+    held = [x["keep_kl"] for x in steps if "keep_kl" in x]  # --keep_kl 1: the term ran and the model stayed close
+    assert len(held) >= 5 and all(0 <= k < 0.5 for k in held) and max(held) > 0, held
     # --report_to tensorboard (the default): the same numbers as curves, for `tensorboard --logdir output`
     drawn = curves(run)
     logged = {int(x["global_step/max_steps"].split("/")[0]): x for x in steps}
@@ -58,7 +60,7 @@ def test_run_folder_is_laid_out_like_the_reference(tuned):
         assert [s for s, _ in drawn[tag]] == list(logged), tag
         assert [v for _, v in drawn[tag]] == pytest.approx([x[key] for x in logged.values()], rel=1e-6), tag
     saved = json.loads((ckpt / "args.json").read_text())
-    assert saved["model"] == "qwen2.5-0.5b" and saved["system"] == "You are a helpful assistant."
+    assert saved["model"] == "qwen2.5-0.5b" and saved["system"] == "You are a helpful assistant." and saved["keep_kl"] == 1
     assert "optimizer steps in all" in proc.stderr
 
 

@@ -16,7 +16,7 @@ FLOORS = {
     "data.inspect": 4,  # commands
     "train.recipe": 3, "train.loop": 3, "train.batches": 3, "train.run_log": 3, "train.distributed": 3,
     "train.planner": 3, "train.checkpoint": 3, "train.resume": 3, "train.stopping": 3, "train.prebuild": 3, "train.status": 3,
-    "train.rlhf": 3, "train.preference": 3,  # train
+    "train.rlhf": 3, "train.preference": 3, "train.keep": 3,  # train
     "engine.attention": 2, "engine.fused_loss": 2, "engine.patches": 2, "engine.checkpointing": 2,
     "engine.activation_memory": 2, "engine.decoder_layer": 2, "engine.lora_linear": 2, "engine.kernels": 2,
     "engine.triton_lora": 2, "engine.cuda_graphs": 2, "engine.kernel_cache": 2, "engine.moe_lora": 2,  # engine

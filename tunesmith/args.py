@@ -121,6 +121,10 @@ class SftArguments(DataArguments):
     replay_ratio: float = arg(
         0.0, "keep the rest of the model as it was: mix in the base model's own answers to a built-in bank of general "
         "prompts (Chinese and English), this many per training sample (0: off); generated once per base model, cached")
+    keep_kl: float = arg(
+        0.0, "keep the rest of the model as it was: each step also pulls the model towards the base model's own "
+        "next-token distribution (the adapter switched off) on one prompt of that bank, with this weight on the KL "
+        "(0: off); adds no optimizer steps")
     num_train_epochs: float = arg(3.0, "passes over the training data")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
     per_device_train_batch_size: int = arg(1, "samples per micro-batch")
@@ -201,6 +205,8 @@ class SftArguments(DataArguments):
         if not (self.replay_ratio >= 0 and math.isfinite(self.replay_ratio)):
             raise UserError(f"--replay_ratio must be 0 (off) or more replayed answers per training sample, "
                             f"got {self.replay_ratio}")
+        if not (self.keep_kl >= 0 and math.isfinite(self.keep_kl)):
+            raise UserError(f"--keep_kl must be 0 (off) or a positive weight, got {self.keep_kl}")
         if not (self.num_train_epochs > 0 and math.isfinite(self.num_train_epochs)):
             raise UserError(f"--num_train_epochs must be positive, got {self.num_train_epochs}")
         if not (0 < self.learning_rate < 1):
@@ -272,6 +278,8 @@ class RlhfArguments(SftArguments):
                 raise UserError(f"--{name} takes one checkpoint folder")
         if self.ref_adapters and self.rlhf_type in ("orpo", "simpo"):
             raise UserError(f"--ref_adapters: {self.rlhf_type} uses no reference model")
+        if self.keep_kl:
+            raise UserError("--keep_kl is for `tunesmith sft`; preference tuning keeps to its reference model by --beta")
         for name in ["rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight"]:
             v = getattr(self, name)
             if v is not None and v < 0:

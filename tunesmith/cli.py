@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from .inference.infer import load_chat
             from .train.distributed import relaunch
 
-            replay.ensure(args, load_chat)  # --replay_ratio: the base model's answers, once, before any process trains
+            replay.ensure(args, load_chat)  # --replay_ratio/--keep_kl: the base model's answers, once, before any process trains
             code = relaunch(argv)  # NPROC_PER_NODE=N: the same command in N processes under torchrun
             if code is not None:
                 return code

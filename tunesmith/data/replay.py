@@ -3,6 +3,7 @@ the training data (--replay_ratio), so the adapter learns what the user's data t
 model where it was.
 
     ensure()            the answers, generated once per base model (greedy) and cached under TUNESMITH_HOME/replay/
+                        (--keep_kl, train/keep.py, holds the model to the base's distribution on the same answers)
     source()            the cached answers as one more source of training records, for the tokenized cache to mix in
     count()             how many replayed answers --replay_ratio asks for
     identity_source()   `tunesmith rlhf --dataset self-cognition-dpo`: the built-in identity set as preference pairs,
@@ -65,11 +66,12 @@ def ensure(args, load_chat) -> None:
     """Generate and cache the base model's answers that this run needs (the replay bank's for --replay_ratio, the
     identity questions' for --dataset self-cognition-dpo), unless they already are. `load_chat` is the inference
     engine's loader (inference.infer.load_chat), handed in by the command that runs before training."""
-    if getattr(args, "replay_ratio", 0):
+    flag = "--replay_ratio" if getattr(args, "replay_ratio", 0) else "--keep_kl" if getattr(args, "keep_kl", 0) else None
+    if flag:  # train/keep.py's --keep_kl holds the model to the base on the same answers
         _generate(args, load_chat, BANK, "replay", [{"query": q} for q in prompts()], _replayed,
-                  f"--replay_ratio: the base model answers {{n}} general prompts",
+                  f"{flag}: the base model answers {{n}} general prompts",
                   "the base model finished none of its answers to the {n} general prompts within "
-                  f"{MAX_NEW_TOKENS} tokens; train without replay (--replay_ratio 0)")
+                  f"{MAX_NEW_TOKENS} tokens; train without {flag} ({flag} 0)")
     if wants_identity_pairs(args):
         _generate(args, load_chat, IDENTITY_BANK, "identity-pairs", identity_questions(), _identity_pair,
                   f"--dataset {IDENTITY_SET}: the base model answers the {{n}} identity questions",

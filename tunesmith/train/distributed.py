@@ -195,8 +195,8 @@ class Parallel:
                 super().__init__()
                 self.model = model
 
-            def forward(self, batch):
-                return loss_fn(self.model, batch)
+            def forward(self, batch, **how):  # how: loss_of's `loss` (keep.py's KL at the answer positions)
+                return loss_fn(self.model, batch, **how)
 
         step = LossModule()
         if self.fsdp:

@@ -31,11 +31,12 @@ from .run_log import append_jsonl, hms, plot_loss, report_startup
 
 
 def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, plan, run_dir, device, model_name,
-        marks=None, state=None, par=None, forward=None, graphed=None, objective=None) -> dict:
+        marks=None, state=None, par=None, forward=None, graphed=None, objective=None, keep=None) -> dict:
     """Train from step state["global_step"] + 1 (0 for a new run) to max_steps.
     `par` (distributed.py): this process's part of each window; `forward`: batch -> summed loss;
     `graphed` (cuda_graphs.py): replays each packed row from a CUDA graph where it can;
-    `objective`: what a window's loss is a mean over, and its batches (sft: AnswerTokens; rlhf: preference.py)."""
+    `objective`: what a window's loss is a mean over, and its batches (sft: AnswerTokens; rlhf: preference.py);
+    `keep` (keep.py, --keep_kl): every few steps one more short forward+backward that holds the model to the base."""
     par = par or distributed.Parallel()
     forward = forward or (lambda batch: loss_of(model, batch))
     objective = objective or AnswerTokens()
@@ -56,6 +57,8 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
             whole = [train_set[i] for i in window]
             loss_sum = _window_loss(window, whole, train_set, objective, args, device, par, forward, graphed,
                                     steps_left=max_steps - step + 1, poison_loss=lambda x: poison(x, step, nan_steps))
+            if keep:  # its gradient joins the window's; the logged loss stays the window's
+                keep.step(step, args)
             # one host sync per optimizer step: the processes' parts of the loss, and any stop request, summed
             loss_sum, stops = par.sum_floats(float(loss_sum) / par.loss_scale, stop.requested, device=device)
 
@@ -75,7 +78,7 @@ def fit(model, tok, template, train_set, val_set, optimizer, scheduler, args, pl
 
             # 3. Log, validate, save.
             meter.stepped(step, loss_sum if good else None, grad_norm, sum(objective.length(s) for s in whole),
-                          scheduler.get_last_lr()[0], objective.metrics)
+                          scheduler.get_last_lr()[0], lambda: {**objective.metrics(), **(keep.metrics() if keep else {})})
             if val_set and (step % (args.eval_steps or args.save_steps) == 0 or step == max_steps):
                 meter.evaluated(step, evaluate(model, val_set, args, device, forward))
             if (step % args.save_steps == 0 and good) or step == max_steps or stops:

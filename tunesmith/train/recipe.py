@@ -30,6 +30,7 @@ from ..model.resolve import resolve_model
 from ..data.template import ChatTemplate
 from ..data.cache import prepare
 from .batches import loss_of
+from .keep import KeepTerm
 from .loop import fit
 from .run_log import process_start
 
@@ -53,7 +54,7 @@ def run(args: SftArguments, method=None) -> int:
     try:  # 3. the loop
         last = fit(parts.model, inputs.tok, inputs.template, inputs.train_set, inputs.val_set, parts.optimizer,
                    parts.scheduler, args, plan.steps, run_dir, plan.device, inputs.resolved.name, marks, plan.state,
-                   par=par, forward=parts.forward, graphed=parts.graphed, objective=parts.objective)
+                   par=par, forward=parts.forward, graphed=parts.graphed, objective=parts.objective, keep=parts.keep)
     except OSError as e:  # a full disk or a folder that became read-only: say so, point at what is intact
         raise resume.write_failed(e, run_dir) from None
     return finish(last, plan, parts, marks, par)
@@ -96,6 +97,7 @@ class Parts:
     graphed: object  # cuda_graphs.GraphedRows, or None
     optimizer: object
     scheduler: object
+    keep: object = None  # keep.KeepTerm (--keep_kl), or None
 
 
 def read_inputs(args: SftArguments, method, par, marks: dict) -> Inputs:
@@ -171,7 +173,11 @@ def build(args: SftArguments, method, inputs: Inputs, plan: Plan, par, marks: di
     optimizer, scheduler = build_optimizer(model, args, plan.max_steps)
     if plan.checkpoint:
         resume.restore(plan.checkpoint, model, optimizer, scheduler)
-    return Parts(model, objective, forward, graphed, optimizer, scheduler)
+    keep = None
+    if args.keep_kl and not method:
+        window_tokens = sum(len(s.input_ids) for s in inputs.train_set) / plan.steps["steps_per_epoch"]
+        keep = KeepTerm.build(model, inputs.template, args, inputs.resolved.path, plan.device, window_tokens, par)
+    return Parts(model, objective, forward, graphed, optimizer, scheduler, keep)
 
 
 def open_run_folder(args: SftArguments, plan: Plan, par) -> Path:
