@@ -26,6 +26,7 @@ import gc
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -255,7 +256,9 @@ def main():
                                     "peak_reserved_gib": reserved, "checkpointed_layers": n_ckpt,
                                     "activation_gib": alloc - static / GiB}
         print(f"{name:10s} {s:.4f} s/step {a.seq / s:8.0f} tok/s  peak {alloc:.2f} GiB alloc / {reserved:.1f} reserved, "
-              f"{alloc - static / GiB:.2f} GiB above the base weights, {n_ckpt} layers checkpointed", flush=True)
+              f"{alloc - static / GiB:.2f} GiB above the base weights, {n_ckpt} layers checkpointed, recompute levels "
+              f"{[getattr(m, '_tunesmith_recompute', 0) for m in layers].count(1)}x1 "
+              f"{[getattr(m, '_tunesmith_recompute', 0) for m in layers].count(2)}x2", flush=True)
         engine.unwrap(base)
 
     def loss_run(kind):
@@ -288,15 +291,22 @@ def main():
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
 
-        kind, share = name.split("_")[0], 0.0
-        engine = Engine(base, kind, share)
+        kind, share = name.split("_")[0], shares.get(name.split("_")[-1], 0.0)
+        budget = None
+        if share is None:  # *_fit: within the checkpointed baseline's peak, as measure() plans it
+            budget = int(results["engines"]["hf_gc"]["peak_alloc_gib"] * GiB)
+        engine = Engine(base, kind, share, budget=budget)
         for b in batches * 2 if engine.graphed is not None else batches[:5]:  # (graphs: captured by then)
             engine.step(b)
         torch.cuda.synchronize()
         with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
             engine.step(batches[5])
             torch.cuda.synchronize()
-        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=70)
+        if os.environ.get("OUT"):  # the whole timeline: chrome://tracing, or bench/kernel_time.py for a breakdown
+            trace = os.path.join(os.environ["OUT"], f"trace_{name}.json")
+            p.export_chrome_trace(trace)
+            subprocess.run(["gzip", "-f", trace], check=False)
         print(f"--- profile of one {name} step ---\n{table}", flush=True)
         table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
         print(f"--- host time of one {name} step, by operator ---\n{table}", flush=True)
