@@ -238,27 +238,30 @@ def main():
     lengths = [int(x) for x in a.long.split(",")] if a.long else []
     deadline = time.time() + 300
 
-    def measure(name):
-        kind, share = name.split("_")[0], shares.get(name.split("_")[-1], 1.0)
+    def engine_for(name, default_share=1.0):
+        """The engine a name asks for: its kind, its share of checkpointed layers (the suffix) and, for *_fit, no
+        more memory than the baseline with checkpointing (hf_gc's measured peak)."""
+        kind, share = name.split("_")[0], shares.get(name.split("_")[-1], default_share)
         if name == "hf":
             share = 0.0
+        budget = None if share is not None else int(results["engines"]["hf_gc"]["peak_alloc_gib"] * GiB)
+        return Engine(base, kind, share, budget=budget)
+
+    def measure(name):
         gc.collect()
         torch.cuda.empty_cache()
         static = torch.cuda.memory_allocated()
-        budget = None
-        if share is None:  # ts_fit: no more memory than the baseline with checkpointing
-            budget = int(results["engines"]["hf_gc"]["peak_alloc_gib"] * GiB)
-        engine = Engine(base, kind, share, budget=budget)
+        engine = engine_for(name)
         s, alloc, reserved = timed(engine, batches)
         layers = [m for m in engine.model.modules() if type(m).__name__.endswith("DecoderLayer")]
         n_ckpt = sum(hasattr(m, "_tunesmith_plain_forward") for m in layers)
+        levels = [getattr(m, "_tunesmith_recompute", 0) for m in layers]
         results["engines"][name] = {"s_per_step": s, "tokens_per_s": a.seq / s, "peak_alloc_gib": alloc,
                                     "peak_reserved_gib": reserved, "checkpointed_layers": n_ckpt,
                                     "activation_gib": alloc - static / GiB}
         print(f"{name:10s} {s:.4f} s/step {a.seq / s:8.0f} tok/s  peak {alloc:.2f} GiB alloc / {reserved:.1f} reserved, "
               f"{alloc - static / GiB:.2f} GiB above the base weights, {n_ckpt} layers checkpointed, recompute levels "
-              f"{[getattr(m, '_tunesmith_recompute', 0) for m in layers].count(1)}x1 "
-              f"{[getattr(m, '_tunesmith_recompute', 0) for m in layers].count(2)}x2", flush=True)
+              f"{levels.count(1)}x1 {levels.count(2)}x2", flush=True)
         engine.unwrap(base)
 
     def loss_run(kind):
@@ -291,11 +294,7 @@ def main():
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
 
-        kind, share = name.split("_")[0], shares.get(name.split("_")[-1], 0.0)
-        budget = None
-        if share is None:  # *_fit: within the checkpointed baseline's peak, as measure() plans it
-            budget = int(results["engines"]["hf_gc"]["peak_alloc_gib"] * GiB)
-        engine = Engine(base, kind, share, budget=budget)
+        engine = engine_for(name, default_share=0.0)
         for b in batches * 2 if engine.graphed is not None else batches[:5]:  # (graphs: captured by then)
             engine.step(b)
         torch.cuda.synchronize()

@@ -14,7 +14,7 @@ import re
 import sys
 
 KINDS = [  # the first pattern a kernel's name matches decides its kind
-    ("frozen matmuls (cuBLAS)", r"gemm|cutlass|xmma|nvjet|cublas"),
+    ("cuBLAS matmuls (frozen weights, r-wide LoRA, the loss's vocabulary)", r"gemm|cutlass|xmma|nvjet|cublas"),
     ("flash attention", r"flash"),
     ("LoRA A (Triton)", r"lora_a_kernel"),
     ("LoRA A gradient (Triton)", r"lora_a_grad"),
