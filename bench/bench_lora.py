@@ -244,7 +244,9 @@ def main():
         kind, share = name.split("_")[0], shares.get(name.split("_")[-1], default_share)
         if name == "hf":
             share = 0.0
-        budget = None if share is not None else int(results["engines"]["hf_gc"]["peak_alloc_gib"] * GiB)
+        # (relative to what is allocated now: memory an earlier engine left behind must not shrink a later one's plan)
+        budget = None if share is not None else \
+            torch.cuda.memory_allocated() + int(results["engines"]["hf_gc"]["activation_gib"] * GiB)
         return Engine(base, kind, share, budget=budget)
 
     def measure(name):
