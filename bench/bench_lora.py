@@ -240,11 +240,11 @@ def main():
 
     def engine_for(name, default_share=1.0):
         """The engine a name asks for: its kind, its share of checkpointed layers (the suffix) and, for *_fit, no
-        more memory than the baseline with checkpointing (hf_gc's measured peak)."""
+        more activation memory than the baseline with checkpointing (hf_gc's, counted above what is allocated now:
+        memory an earlier engine left behind must not shrink a later one's plan)."""
         kind, share = name.split("_")[0], shares.get(name.split("_")[-1], default_share)
         if name == "hf":
             share = 0.0
-        # (relative to what is allocated now: memory an earlier engine left behind must not shrink a later one's plan)
         budget = None if share is not None else \
             torch.cuda.memory_allocated() + int(results["engines"]["hf_gc"]["activation_gib"] * GiB)
         return Engine(base, kind, share, budget=budget)
