@@ -49,6 +49,14 @@ from make_qwen7b import SHAPES  # noqa: E402
 GiB = 2**30
 
 
+def _old_project(y, h, weight, bias, b, scale, i, rank):
+    """A/B (BENCH_AB=1): the r-wide term added after the frozen matmul, as before session 16."""
+    import torch.nn.functional as F
+
+    out = F.linear(y, weight, None if bias is None else bias.to(weight.dtype))
+    return out.addmm_(h[:, i * rank:(i + 1) * rank], b.to(weight.dtype).t(), alpha=scale)
+
+
 def build_model(layers: int, family: str = "qwen2"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,6 +68,30 @@ def build_model(layers: int, family: str = "qwen2"):
     std = model.model.layers[0].mlp.up_proj.weight.float().std().item()
     assert 0.005 < std < 0.1, f"weights look uninitialised (std {std})"
     return model
+
+
+def _longest_graphs(on: bool) -> None:
+    """A/B (BENCH_AB=1): CUDA graphs keyed on the longest sample too (a bucket of 256), so flash attention's
+    grid is sized by it rather than by the row's length."""
+    from tunesmith.engine import cuda_graphs as cg
+
+    if not hasattr(cg, "_bench_orig"):
+        cg._bench_orig = (cg.shape_of, cg.GraphedRows._static)
+    shape_of0, static0 = cg._bench_orig
+    if not on:
+        cg.shape_of, cg.GraphedRows._static = shape_of0, static0
+        return
+
+    def shape_of(batch):
+        length, slots = shape_of0(batch)
+        return length, slots, min(length, cg.bucket(int(batch["max_length_q"])))
+
+    def _static(self, shape, device):
+        static = static0(self, shape[:2], device)
+        static["max_length_q"] = static["max_length_k"] = shape[2]
+        return static
+
+    cg.shape_of, cg.GraphedRows._static = shape_of, _static
 
 
 def chat_samples(total: int, seed: int, mean_len: int = 300) -> list[Encoded]:
@@ -249,7 +281,7 @@ def main():
             torch.cuda.memory_allocated() + int(results["engines"]["hf_gc"]["activation_gib"] * GiB)
         return Engine(base, kind, share, budget=budget)
 
-    def measure(name):
+    def measure(name, label=None):
         gc.collect()
         torch.cuda.empty_cache()
         static = torch.cuda.memory_allocated()
@@ -258,6 +290,7 @@ def main():
         layers = [m for m in engine.model.modules() if type(m).__name__.endswith("DecoderLayer")]
         n_ckpt = sum(hasattr(m, "_tunesmith_plain_forward") for m in layers)
         levels = [getattr(m, "_tunesmith_recompute", 0) for m in layers]
+        name = label or name
         results["engines"][name] = {"s_per_step": s, "tokens_per_s": a.seq / s, "peak_alloc_gib": alloc,
                                     "peak_reserved_gib": reserved, "checkpointed_layers": n_ckpt,
                                     "activation_gib": alloc - static / GiB}
@@ -304,7 +337,7 @@ def main():
             engine.step(batches[5])
             torch.cuda.synchronize()
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=70)
-        if os.environ.get("OUT"):  # the whole timeline: chrome://tracing, or bench/kernel_time.py for a breakdown
+        if os.environ.get("OUT"):  # the whole timeline, for chrome://tracing or a per-kernel breakdown
             trace = os.path.join(os.environ["OUT"], f"trace_{name}.json")
             p.export_chrome_trace(trace)
             subprocess.run(["gzip", "-f", trace], check=False)
@@ -341,6 +374,28 @@ def main():
     # Phase 2, tunesmith.
     for name in [e for e in engines if e.startswith("ts")]:
         measure(name)
+    if os.environ.get("BENCH_AB"):  # the same engines with the code before the changes under test, then after
+        from tunesmith.engine import decoder_layer, fused_loss
+
+        new_project, new_ce = decoder_layer._project, fused_loss._triton
+
+        def variant(project: bool, ce: bool) -> None:
+            decoder_layer._project = new_project if project else _old_project
+            fused_loss._triton = new_ce if ce else (lambda t: False)
+
+        for name in [e for e in engines if e.startswith("ts")]:
+            variant(False, False)
+            measure(name, name + "_before")
+            variant(True, True)
+            measure(name, name + "_after")
+            variant(True, False)
+            measure(name, name + "_project_only")
+            variant(True, True)
+            if name.startswith("tsgraph"):
+                _longest_graphs(True)
+                measure(name, name + "_longest")
+                _longest_graphs(False)
+            measure(name, name + "_after2")
     for name in [n for n in profiled if n.startswith("ts")]:
         profile(name)
     if losses_hf is not None:

@@ -40,12 +40,33 @@ def run(device: str) -> None:
     torch.testing.assert_close(grad_gate, g.grad)
     torch.testing.assert_close(grad_up, u.grad)
     lean_layers(device)
+    cross_entropy(device)
     lora_kernels(device)
     norm_and_rope(device)
     expert_matmuls(device)
     if device.startswith("cuda"):
         flash_windows(device)
     print(f"kernel checks passed on {device}")
+
+
+def cross_entropy(device: str) -> None:
+    """kernels.cross_entropy_ (the fused loss's kernel): each row's loss as F.cross_entropy gives it, 0 for rows
+    without a target, and softmax - one-hot written over the logits, over a vocabulary of several blocks."""
+    vocab = 20_000  # three blocks of 8192, the last one partial
+    logits = (torch.randn(6, vocab, device=device) * 4).bfloat16()
+    targets = torch.tensor([3, -100, vocab - 1, 0, 12_345, -100], device=device)
+    expect = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # 0 where ignored
+    probs = logits.float().softmax(-1)
+    rows = torch.arange(6, device=device)[targets >= 0]
+    probs[rows, targets[targets >= 0]] -= 1.0
+    probs[targets < 0] = 0.0
+    losses = kernels.cross_entropy_(logits, targets, grad=False)
+    torch.testing.assert_close(losses, expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(losses[targets < 0], torch.zeros(2, device=device))
+    grad = logits.clone()
+    torch.testing.assert_close(kernels.cross_entropy_(grad, targets, grad=True), expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), probs.bfloat16().float(), rtol=2**-7, atol=1e-6)  # one bf16 rounding
+    assert (grad[targets >= 0].float().sum(-1).abs() < 0.05).all()  # a softmax less one: each row sums to ~0
 
 
 def expert_matmuls(device: str) -> None:

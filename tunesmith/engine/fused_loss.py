@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 
 def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
     """sum of CE(head(hidden), targets). Above `chunk` rows the logits are made and dropped one chunk
@@ -26,8 +28,10 @@ def chunked_cross_entropy(hidden, head, targets, chunk: int = 8192):
 class _LinearCrossEntropy(torch.autograd.Function):
     """CE(hidden W^T, targets) of each row, for a frozen W (0 where the target is negative). The gradient of
     `hidden` is worked out in the same pass over each chunk of logits (softmax - one-hot, times W), so backward
-    only scales it: no [rows, vocab] tensor outlives its chunk and nothing is recomputed. Within a chunk the
-    float32 logits become the softmax in place: one float32 and one half-precision copy at a time."""
+    only scales it: no [rows, vocab] tensor outlives its chunk and nothing is recomputed. On CUDA one Triton kernel
+    (kernels.cross_entropy_) turns a chunk's half-precision logits into its losses and, in place, softmax - one-hot,
+    in float32 arithmetic; elsewhere the float32 logits become the softmax in place: one float32 and one
+    half-precision copy at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows):
@@ -37,6 +41,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, hidden.shape[0], rows):
                 h, t = hidden[i:i + rows].to(weight.dtype), targets[i:i + rows]
+                if _triton(h):  # one kernel: the loss, and softmax - one-hot over the half-precision logits
+                    logits = h @ weight.t()
+                    losses[i:i + rows] = kernels.cross_entropy_(logits, t, want_grad)
+                    if want_grad:
+                        grad[i:i + rows] = logits @ weight
+                    del logits
+                    continue
                 valid = t >= 0  # a negative target (-100) marks a row without loss
                 t = t.clamp(min=0)
                 logits = h @ weight.t()
@@ -60,6 +71,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return grad * g[:, None].to(grad.dtype), None, None, None
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and kernels.available()
 
 
 LOSS_CHUNK_BYTES = 2**27  # float32 logits of the fused loss held at once

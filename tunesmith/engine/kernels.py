@@ -87,6 +87,48 @@ def _kernels():
 
 
 @functools.cache
+def _loss_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, V, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """One row of logits: its loss (0 without a target), and with GRAD softmax - one-hot written over it."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * V
+        target = tl.load(targets_ptr + row)
+        top = -float("inf")
+        total = 0.0
+        for v0 in range(0, V, BLOCK):  # running max and sum of exp(x - max)
+            cols = v0 + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            new_top = tl.maximum(top, tl.max(x, 0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), 0)
+            top = new_top
+        lse = top + tl.log(total)
+        valid = target >= 0
+        picked = tl.load(base + tl.maximum(target, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
+        if GRAD:
+            for v0 in range(0, V, BLOCK):
+                cols = v0 + tl.arange(0, BLOCK)
+                x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                tl.store(base + cols, tl.where(valid, g, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+    return cross_entropy_kernel
+
+
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Float32 cross-entropy of each row of logits [R, V] (0 where the target is negative); with `grad`, the
+    loss's gradient in the logits, softmax - one-hot (0 on rows without a target), written over them."""
+    R, V = logits.shape
+    losses = torch.empty(R, dtype=torch.float32, device=logits.device)
+    _loss_kernel()[(R,)](logits, targets, losses, V, GRAD=grad, BLOCK=min(8192, next_pow2(V)), num_warps=16)
+    return losses
+
+
+@functools.cache
 def _lora_kernels():
     from . import triton_lora as k  # (imports Triton: only when a kernel is first asked for)
 
