@@ -337,7 +337,7 @@ def main():
             engine.step(batches[5])
             torch.cuda.synchronize()
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=70)
-        if os.environ.get("OUT"):  # the whole timeline, for chrome://tracing or a per-kernel breakdown
+        if os.environ.get("OUT"):  # the whole timeline: chrome://tracing, or bench/kernel_time.py for a breakdown
             trace = os.path.join(os.environ["OUT"], f"trace_{name}.json")
             p.export_chrome_trace(trace)
             subprocess.run(["gzip", "-f", trace], check=False)
