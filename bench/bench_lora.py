@@ -377,20 +377,25 @@ def main():
     if os.environ.get("BENCH_AB"):  # the same engines with the code before the changes under test, then after
         from tunesmith.engine import decoder_layer, fused_loss
 
-        new_project, new_ce = decoder_layer._project, fused_loss._triton
+        new_project, new_ce, new_b_grads = decoder_layer._project, fused_loss._triton, decoder_layer._b_grads
 
-        def variant(project: bool, ce: bool) -> None:
+        def variant(project: bool, ce: bool, b_grads: bool) -> None:
             decoder_layer._project = new_project if project else _old_project
             fused_loss._triton = new_ce if ce else (lambda t: False)
+            decoder_layer._b_grads = new_b_grads if b_grads else decoder_layer._b_grads_torch
 
         for name in [e for e in engines if e.startswith("ts")]:
-            variant(False, False)
+            variant(False, False, False)
             measure(name, name + "_before")
-            variant(True, True)
+            variant(True, True, True)
             measure(name, name + "_after")
-            variant(True, False)
+            variant(True, False, False)
             measure(name, name + "_project_only")
-            variant(True, True)
+            variant(False, True, False)
+            measure(name, name + "_loss_only")
+            variant(False, False, True)
+            measure(name, name + "_b_grads_only")
+            variant(True, True, True)
             if name.startswith("tsgraph"):
                 _longest_graphs(True)
                 measure(name, name + "_longest")
