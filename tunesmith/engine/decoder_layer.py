@@ -35,8 +35,8 @@ trades one more matmul in backward for memory: 1 recomputes `up` (5.3 widths few
 
 On CUDA the LoRA side runs in Triton kernels (kernels.lora_a, lora_a_grad, lora_dx_add: one pass
 over the shared input per projection, masks drawn inside, never stored; lora_b_grads: one pass over each
-output's gradient), as do RMSNorm, RoPE and SwiGLU; Gemma's norms (one rounding after the weight, not before as the kernel's) and GeGLU run in
-torch there too. On the CPU the same maths runs in plain torch (tests/test_fast.py compares it with
+output's gradient), as do RMSNorm, RoPE and SwiGLU; Gemma's norms (one rounding after the weight, not before as
+the kernel's) and GeGLU run in torch there too. On the CPU the same maths runs in plain torch (tests/test_fast.py compares it with
 transformers + PEFT). The adapter stays PEFT's: the functions read and write its lora_A/lora_B parameters.
 """
 
@@ -77,8 +77,7 @@ class Group:
     step: int = STEP  # 0 for the row blocks of one fused Linear (Phi-3's qkv_proj): one input, one mask, one A
 
 
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and kernels.available()
+_triton = kernels.runs_on
 
 
 # ---------------------------------------------------------------------------------------------

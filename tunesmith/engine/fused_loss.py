@@ -73,8 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * g[:, None].to(grad.dtype), None, None, None
 
 
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and kernels.available()
+_triton = kernels.runs_on
 
 
 LOSS_CHUNK_BYTES = 2**27  # float32 logits of the fused loss held at once

@@ -44,6 +44,11 @@ def available() -> bool:
     return True
 
 
+def runs_on(t: torch.Tensor) -> bool:
+    """These kernels run on this tensor: it lives on a CUDA device, and Triton is there to build them."""
+    return t.is_cuda and available()
+
+
 @functools.cache
 def _kernels():
     import triton

@@ -41,8 +41,7 @@ def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
 
 
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and kernels.available()
+_triton = kernels.runs_on
 
 
 _forward_seed: dict = {}  # device -> int (torch path) or int64 tensor of one element (Triton path)
