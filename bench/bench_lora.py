@@ -70,30 +70,6 @@ def build_model(layers: int, family: str = "qwen2"):
     return model
 
 
-def _longest_graphs(on: bool) -> None:
-    """A/B (BENCH_AB=1): CUDA graphs keyed on the longest sample too (a bucket of 256), so flash attention's
-    grid is sized by it rather than by the row's length."""
-    from tunesmith.engine import cuda_graphs as cg
-
-    if not hasattr(cg, "_bench_orig"):
-        cg._bench_orig = (cg.shape_of, cg.GraphedRows._static)
-    shape_of0, static0 = cg._bench_orig
-    if not on:
-        cg.shape_of, cg.GraphedRows._static = shape_of0, static0
-        return
-
-    def shape_of(batch):
-        length, slots = shape_of0(batch)
-        return length, slots, min(length, cg.bucket(int(batch["max_length_q"])))
-
-    def _static(self, shape, device):
-        static = static0(self, shape[:2], device)
-        static["max_length_q"] = static["max_length_k"] = shape[2]
-        return static
-
-    cg.shape_of, cg.GraphedRows._static = shape_of, _static
-
-
 def chat_samples(total: int, seed: int, mean_len: int = 300) -> list[Encoded]:
     """Variable-length samples that fill exactly `total` tokens; ~40% prompt, ~60% answer."""
     g = torch.Generator().manual_seed(seed)
@@ -377,30 +353,22 @@ def main():
     if os.environ.get("BENCH_AB"):  # the same engines with the code before the changes under test, then after
         from tunesmith.engine import decoder_layer, fused_loss
 
-        new_project, new_ce, new_b_grads = decoder_layer._project, fused_loss._triton, decoder_layer._b_grads
+        new_project, new_ce = decoder_layer._project, fused_loss._triton
 
-        def variant(project: bool, ce: bool, b_grads: bool) -> None:
+        def variant(project: bool, ce: bool) -> None:
             decoder_layer._project = new_project if project else _old_project
             fused_loss._triton = new_ce if ce else (lambda t: False)
-            decoder_layer._b_grads = new_b_grads if b_grads else decoder_layer._b_grads_torch
 
         for name in [e for e in engines if e.startswith("ts")]:
-            variant(False, False, False)
-            measure(name, name + "_before")
-            variant(True, True, True)
-            measure(name, name + "_after")
-            variant(True, False, False)
-            measure(name, name + "_project_only")
-            variant(False, True, False)
-            measure(name, name + "_loss_only")
-            variant(False, False, True)
-            measure(name, name + "_b_grads_only")
-            variant(True, True, True)
-            if name.startswith("tsgraph"):
-                _longest_graphs(True)
-                measure(name, name + "_longest")
-                _longest_graphs(False)
-            measure(name, name + "_after2")
+            for run in (1, 2):  # twice, alternating: the spread between the two is the noise
+                variant(False, False)
+                measure(name, f"{name}_before{run}")
+                variant(True, False)
+                measure(name, f"{name}_project{run}")
+                variant(False, True)
+                measure(name, f"{name}_loss{run}")
+                variant(True, True)
+                measure(name, f"{name}_after{run}")
     for name in [n for n in profiled if n.startswith("ts")]:
         profile(name)
     if losses_hf is not None:

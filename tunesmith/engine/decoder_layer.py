@@ -34,9 +34,9 @@ trades one more matmul in backward for memory: 1 recomputes `up` (5.3 widths few
 `gate` and `up` (10.6 fewer). Whole-layer checkpointing (checkpointing.checkpoint_layers) comes after that.
 
 On CUDA the LoRA side runs in Triton kernels (kernels.lora_a, lora_a_grad, lora_dx_add: one pass
-over the shared input per projection, masks drawn inside, never stored; lora_b_grads: one pass over each
-output's gradient), as do RMSNorm, RoPE and SwiGLU; Gemma's norms (one rounding after the weight, not before as
-the kernel's) and GeGLU run in torch there too. On the CPU the same maths runs in plain torch (tests/test_fast.py compares it with
+over the shared input per projection, masks drawn inside, never stored), as do RMSNorm, RoPE and
+SwiGLU; Gemma's norms (one rounding after the weight, not before as the kernel's) and GeGLU run in
+torch there too. On the CPU the same maths runs in plain torch (tests/test_fast.py compares it with
 transformers + PEFT). The adapter stays PEFT's: the functions read and write its lora_A/lora_B parameters.
 """
 
@@ -206,22 +206,12 @@ def _project(y, h, weight, bias, b, scale, i, rank):
     return out.addmm_(y, weight.t())
 
 
-def _b_grads(grad, b, h_i, scale: float):
-    """(scale * grad B, float32 scale * grad^T H_i) of one projection: on CUDA from one read of grad [T, N]."""
-    if _triton(grad):
-        return kernels.lora_b_grads(grad, b, h_i, scale)
-    return _b_grads_torch(grad, b, h_i, scale)
-
-
-def _b_grads_torch(grad, b, h_i, scale: float):
-    return (grad @ b.to(grad.dtype)) * scale, ((grad.t() @ h_i) * scale).float()
-
-
 def _group_backward(y, grads, h, a, weights, bs, g: Group, need_input: bool):
     """(gradient of the group's input or None, grad A [P, R, K] float32, [grad B_i float32])."""
     P, R, _ = a.shape
-    parts = [_b_grads(grads[i], bs[i], h[:, i * R:(i + 1) * R], g.scales[i]) for i in range(P)]
-    gb, grad_b = torch.cat([gb_i for gb_i, _ in parts], 1), [grad_b_i for _, grad_b_i in parts]
+    dtype = weights[0].dtype
+    gb = torch.cat([(grads[i] @ bs[i].to(dtype)) * g.scales[i] for i in range(P)], 1)
+    grad_b = [((grads[i].t() @ h[:, i * R:(i + 1) * R]) * g.scales[i]).float() for i in range(P)]
     grad_a = lora_a_grad(y, gb, P, g)
     dy = None
     if need_input:

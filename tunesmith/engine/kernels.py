@@ -17,8 +17,6 @@ offset + i * step, t * K + k) and never stored (the kernels live in triton_lora.
 - `lora_a(x, a, p, seed, step)`: H[:, i*R:(i+1)*R] = dropout_i(x) A_i^T, one pass over x per i.
 - `lora_a_grad(x, gb, p, seed, step)`: grad A_i = gb_i^T dropout_i(x), float32 [P, R, K].
 - `lora_dx_add(dx, gb, a, p, seed, step)`: dx += sum_i dropout_i(gb_i A_i), in place.
-- `lora_b_grads(g, b, h, scale)`: scale * g B and scale * g^T H of one projection, one pass over its output's
-  gradient g.
 - `keep_mask(T, K, p, seed, offset)`: the mask itself (for tests).
 And `rms_norm(x, w, eps)` / `rms_norm_backward(dy, x, w, rstd)` (transformers' RMSNorm: the
 normalised x rounded to x's dtype, then times the weight), `rope(x, cos, sin, backward=False, interleaved=False)`
@@ -142,7 +140,7 @@ def _lora_kernels():
     from . import triton_lora as k  # (imports Triton: only when a kernel is first asked for)
 
     return k.lora_a_kernel, k.lora_a_grad_kernel, k.lora_dx_kernel, k.mask_kernel, k.rms_norm_kernel, \
-        k.rms_norm_backward_kernel, k.rope_kernel, k.lora_b_grads_kernel
+        k.rms_norm_backward_kernel, k.rope_kernel
 
 
 def _chunks(n: int):
@@ -258,26 +256,6 @@ def lora_dx_add(dx, gb, a, p: float, seed, step: int):
                                                                  1.0 / (1.0 - p), R=R, RP=_rank_pad(R), P=P,
                                                                  DROP=drop, BT=BT, BK=BK)
     return dx
-
-
-def lora_b_grads(g, b, h, scale: float):
-    """The r-wide gradients of one LoRA projection y + scale * H B^T, from one read of its output's gradient g [T, N]:
-    (scale * g B [T, R] in g's dtype, float32 scale * g^T H [N, R]); b [N, R] in any float dtype, h [T, R] rows
-    of any stride. cuBLAS reads g once for each of the two skinny products."""
-    import torch
-
-    T, N = g.shape
-    R = b.shape[1]
-    BT, BN = 64, 128
-    blocks = (N + BN - 1) // BN
-    splits = max(1, min((T + BT - 1) // BT, (2 * SMS + blocks - 1) // blocks))
-    rows = ((T + splits - 1) // splits + BT - 1) // BT * BT
-    splits = (T + rows - 1) // rows if T else 1
-    gb = torch.empty(blocks, T, R, dtype=torch.float32, device=g.device)
-    grad_b = torch.empty(splits, N, R, dtype=torch.float32, device=g.device)
-    _lora_kernels()[7][(blocks, splits)](g.contiguous(), b.contiguous(), h, gb, grad_b, T, N, h.stride(0), rows, scale,
-                                         R=R, RP=_rank_pad(R), BT=BT, BN=BN)
-    return gb.sum(0).to(g.dtype), grad_b[0] if splits == 1 else grad_b.sum(0)
 
 
 def keep_mask(T: int, K: int, p: float, seed, device):

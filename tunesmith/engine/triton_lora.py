@@ -175,31 +175,3 @@ def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, D: tl.constexpr, HB: tl.con
     out = out_ptr + t * H * D + heads[:, None] * D + first[None, :]
     tl.store(out, y1.to(out_ptr.dtype.element_ty), mask=inside)
     tl.store(out + other, y2.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit(do_not_specialize=["T", "rows_per_split"])
-def lora_b_grads_kernel(g_ptr, b_ptr, h_ptr, gb_ptr, grad_b_ptr, T, N, h_stride, rows_per_split, scale,
-                        R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
-    """For one block of the output's columns n and one split of its rows t, from one read of the output's gradient
-    g [T, N]: gb[block, t, r] = scale * sum over the block's n of g[t, n] B[n, r], and
-    grad_b[split, n, r] = scale * sum over the split's t of g[t, n] H[t, r] (H: row stride h_stride)."""
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = block * BN + tl.arange(0, BN)
-    ranks = tl.arange(0, RP)
-    b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0)
-    acc = tl.zeros([BN, RP], dtype=tl.float32)
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, T)
-    for t0 in range(start, end, BT):
-        rows = t0 + tl.arange(0, BT)
-        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                    mask=(rows[:, None] < end) & (cols[None, :] < N), other=0.0)
-        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * h_stride + ranks[None, :],
-                    mask=(rows[:, None] < end) & (ranks[None, :] < R), other=0.0)
-        part = tl.dot(g, b.to(g.dtype))
-        tl.store(gb_ptr + (block * T + rows[:, None]).to(tl.int64) * R + ranks[None, :], part * scale,
-                 mask=(rows[:, None] < end) & (ranks[None, :] < R))
-        acc += tl.dot(tl.trans(g), h.to(g.dtype))
-    tl.store(grad_b_ptr + (split * N + cols[:, None]).to(tl.int64) * R + ranks[None, :], acc * scale,
-             mask=(cols[:, None] < N) & (ranks[None, :] < R))
