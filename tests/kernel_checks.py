@@ -12,6 +12,25 @@ from tunesmith.engine import kernels
 
 
 def run(device: str) -> None:
+    dropout_and_swiglu(device)
+    saved = kernels.CHUNK
+    kernels.CHUNK = 2500  # two rows of 1000 a launch: several launches, each with its own seed
+    try:
+        dropout_and_swiglu(device)
+    finally:
+        kernels.CHUNK = saved
+    lean_layers(device)
+    cross_entropy(device)
+    lora_kernels(device)
+    norm_and_rope(device)
+    expert_matmuls(device)
+    if device.startswith("cuda"):
+        flash_windows(device)
+    print(f"kernel checks passed on {device}")
+
+
+def dropout_and_swiglu(device: str) -> None:
+    """dropout's masks (the same for the same seed, new for another seed or another row), swiglu and its backward."""
     torch.manual_seed(0)
     x = torch.randn(3, 1000, device=device)
     p = 0.3
@@ -20,6 +39,7 @@ def run(device: str) -> None:
         return torch.tensor([n], device=device), 0
 
     mask = kernels.dropout(torch.ones_like(x), p, seed(77))  # keep / (1 - p), or 0
+    assert not torch.equal(mask[0], mask[2]) and not torch.equal(mask[0], mask[1])  # no row repeats another's mask
     kept = (mask != 0).float().mean().item()
     assert abs(kept - (1 - p)) < 0.03, kept
     assert torch.allclose(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / (1 - p)))
@@ -39,14 +59,6 @@ def run(device: str) -> None:
     grad_gate, grad_up = kernels.swiglu_backward(gate.clone(), up.clone(), grad_c)
     torch.testing.assert_close(grad_gate, g.grad)
     torch.testing.assert_close(grad_up, u.grad)
-    lean_layers(device)
-    cross_entropy(device)
-    lora_kernels(device)
-    norm_and_rope(device)
-    expert_matmuls(device)
-    if device.startswith("cuda"):
-        flash_windows(device)
-    print(f"kernel checks passed on {device}")
 
 
 def cross_entropy(device: str) -> None:

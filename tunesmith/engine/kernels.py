@@ -29,8 +29,9 @@ import functools
 
 import torch
 
-BLOCK = 2048
-CHUNK = 2**30  # elements per launch: Philox offsets stay within int32
+BLOCK = 2048  # columns a program of the element-wise kernels (dropout, swiglu) takes at most
+WARPS = 4
+CHUNK = 2**30  # elements per launch at most: Philox offsets stay within int32
 
 
 @functools.cache
@@ -52,23 +53,30 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["n", "offset"])  # (see triton_lora.py)
-    def dropout_kernel(x_ptr, out_ptr, add_ptr, n, seed_ptr, offset, p, scale, HAS_ADD: tl.constexpr,
+    # One program per row and BLOCK columns of a [rows, N] tensor. N is a compile-time constant (a layer's width),
+    # so the column mask is known to cover whole vectors and loads and stores are vectorised; rows, which change
+    # with every batch, are the grid and never recompile. A mask's Philox index is the element's place in its
+    # launch, row * N + column.
+
+    @triton.jit(do_not_specialize=["offset"])  # (see triton_lora.py)
+    def dropout_kernel(x_ptr, out_ptr, add_ptr, seed_ptr, offset, p, scale, N: tl.constexpr, HAS_ADD: tl.constexpr,
                        BLOCK: tl.constexpr):
         seed = tl.load(seed_ptr) + offset
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < N
+        offs = tl.program_id(0) * N + cols
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         y = tl.where(tl.rand(seed, offs) > p, x * scale, 0.0)
         if HAS_ADD:
             y += tl.load(add_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit(do_not_specialize=["n", "offset"])  # (see triton_lora.py)
-    def swiglu_kernel(g_ptr, u_ptr, c_ptr, d_ptr, n, seed_ptr, offset, p, scale, DROP: tl.constexpr,
+    @triton.jit(do_not_specialize=["offset"])  # (see triton_lora.py)
+    def swiglu_kernel(g_ptr, u_ptr, c_ptr, d_ptr, seed_ptr, offset, p, scale, N: tl.constexpr, DROP: tl.constexpr,
                       BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < N
+        offs = tl.program_id(0) * N + cols
         g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         c = g * tl.sigmoid(g) * u
@@ -78,10 +86,11 @@ def _kernels():
             d = tl.where(tl.rand(seed, offs) > p, c * scale, 0.0)
             tl.store(d_ptr + offs, d.to(d_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit(do_not_specialize=["n"])  # (see triton_lora.py)
-    def swiglu_backward_kernel(g_ptr, u_ptr, dc_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
+    @triton.jit
+    def swiglu_backward_kernel(g_ptr, u_ptr, dc_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < N
+        offs = tl.program_id(0) * N + cols
         g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         dc = tl.load(dc_ptr + offs, mask=inside, other=0.0).to(tl.float32)
@@ -143,14 +152,16 @@ def _lora_kernels():
         k.rms_norm_backward_kernel, k.rope_kernel
 
 
-def _chunks(n: int):
-    """(start, end, index) of each launch; every launch's Philox stream gets its own seed."""
-    for i, start in enumerate(range(0, n, CHUNK)):
-        yield start, min(n, start + CHUNK), i
-
-
-def _grid(n: int):
-    return ((n + BLOCK - 1) // BLOCK,)
+def _launches(t: torch.Tensor):
+    """(rows, columns, grid, index) of each launch over t as [rows, N] (N its last dimension): whole rows, fewer
+    than CHUNK elements a launch, so that Philox indices stay within int32; each launch gets its own seed."""
+    N = t.shape[-1] if t.dim() else 1
+    rows = t.numel() // N if N else 0
+    per_launch = max(1, CHUNK // N) if N else 1
+    block = min(BLOCK, next_pow2(N))
+    for i, r0 in enumerate(range(0, rows, per_launch)):
+        r1 = min(rows, r0 + per_launch)
+        yield slice(r0 * N, r1 * N), N, (r1 - r0, -(-N // block)), block, i
 
 
 def dropout(x: torch.Tensor, p: float, seed: tuple, add_to: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,9 +170,9 @@ def dropout(x: torch.Tensor, p: float, seed: tuple, add_to: torch.Tensor | None 
     x = x.contiguous()
     out = torch.empty_like(x) if add_to is None else add_to
     flat_x, flat_out = x.view(-1), out.view(-1)
-    for s, e, i in _chunks(x.numel()):
-        kernel[_grid(e - s)](flat_x[s:e], flat_out[s:e], flat_out[s:e], e - s, seed_tensor, offset + i, p, 1.0 / (1.0 - p),
-                             HAS_ADD=add_to is not None, BLOCK=BLOCK)
+    for part, N, grid, block, i in _launches(x):
+        kernel[grid](flat_x[part], flat_out[part], flat_out[part], seed_tensor, offset + i, p, 1.0 / (1.0 - p),
+                     N=N, HAS_ADD=add_to is not None, BLOCK=block, num_warps=WARPS)
     return out
 
 
@@ -172,9 +183,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, p: float = 0.0, seed: tuple | N
     c = torch.empty_like(gate)
     dropped = torch.empty_like(gate) if p > 0 else c
     g, u, fc, fd = gate.view(-1), up.view(-1), c.view(-1), dropped.view(-1)
-    for s, e, i in _chunks(gate.numel()):
-        kernel[_grid(e - s)](g[s:e], u[s:e], fc[s:e], fd[s:e], e - s, seed_tensor, offset + i, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
-                             DROP=p > 0, BLOCK=BLOCK)
+    for part, N, grid, block, i in _launches(gate):
+        kernel[grid](g[part], u[part], fc[part], fd[part], seed_tensor, offset + i, p,
+                     1.0 / (1.0 - p) if p < 1 else 0.0, N=N, DROP=p > 0, BLOCK=block, num_warps=WARPS)
     return c, (dropped if p > 0 else None)
 
 
@@ -182,8 +193,8 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_c: torch.Tensor):
     """Gradients of gate and up for grad_c, written over gate and up (which are then returned)."""
     kernel = _kernels()[2]
     g, u, dc = gate.view(-1), up.view(-1), grad_c.contiguous().view(-1)
-    for s, e, _ in _chunks(gate.numel()):
-        kernel[_grid(e - s)](g[s:e], u[s:e], dc[s:e], e - s, BLOCK=BLOCK)
+    for part, N, grid, block, _ in _launches(gate):
+        kernel[grid](g[part], u[part], dc[part], N=N, BLOCK=block, num_warps=WARPS)
     return gate, up
 
 
