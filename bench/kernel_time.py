@@ -1,10 +1,11 @@
 """Where the GPU time of one profiled step goes, by kind of kernel, from a chrome trace that
 `bench_lora.py --profile ENGINE` writes under $OUT (trace_ENGINE.json.gz):
 
-    python bench/kernel_time.py trace_tsgraph_fit.json.gz
+    python bench/kernel_time.py trace_tsgraph_fit.json.gz [--grid]
 
 Prints the kernels' total busy time, the span from the first kernel's start to the last one's end (their
-difference is time the GPU sat idle), and per kind the time, the number of kernels and the largest names.
+difference is time the GPU sat idle), and per kind the time, the number of kernels and the largest names (with --grid, name and launch grid: which shape of a
+Triton kernel takes the time).
 """
 
 import collections
@@ -32,7 +33,7 @@ KINDS = [  # the first pattern a kernel's name matches decides its kind
 ]
 
 
-def main(path: str) -> None:
+def main(path: str, by_grid: bool = False) -> None:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -45,15 +46,16 @@ def main(path: str) -> None:
         kind = next(k for k, pattern in KINDS if re.search(pattern, e["name"], re.I))
         time[kind] += e["dur"]
         count[kind] += 1
-        names[kind][e["name"][:100]] += e["dur"]
+        grid = f" grid {e.get('args', {}).get('grid')}" if by_grid else ""
+        names[kind][e["name"][:100] + grid] += e["dur"]
     busy = sum(time.values())
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     print(f"{path}: {len(kernels)} kernels, {busy / 1e3:.1f} ms busy in a span of {span / 1e3:.1f} ms")
     for kind, t in time.most_common():
         print(f"  {t / 1e3:8.2f} ms {count[kind]:6d}  {kind}")
-        for name, t2 in names[kind].most_common(3):
+        for name, t2 in names[kind].most_common(6 if by_grid else 3):
             print(f"  {t2 / 1e3:17.2f}    {name}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--grid" in sys.argv[2:])

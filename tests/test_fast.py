@@ -292,6 +292,25 @@ def _lean_layer_run(tiny, dropout, layers=True, level=0, share=0.0, lean=True, t
     return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+def test_a_second_adapter_on_the_same_base_model_is_planned_as_the_first(tiny, caplog):
+    """prepare_model twice on one base model in one process (the adapter unloaded between, as bench/bench_lora.py
+    does for each engine): the second start-up line says what the first said, every layer lean both times."""
+    import logging
+
+    from tunesmith.train.recipe import prepare_model
+
+    base = copy.deepcopy(tiny)
+    args = SftArguments(dataset=["x"], packing_window=True, lora_dropout=0.05)
+    lines = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            model = prepare_model(base, args, "cpu")
+        lines += [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
+        model.unload()
+    assert len(lines) == 2 and lines[0] == lines[1] and "lean decoder layers (3)" in lines[0], lines
+
+
 def test_lean_decoder_layers_compute_what_transformers_and_peft_compute(tiny):
     """Without dropout the lean layer (norms, rope, attention and all seven LoRA projections in three
     autograd functions) gives PEFT's loss and gradients."""

@@ -556,15 +556,17 @@ def lean_note(count: int, reasons: list, moe: bool = False) -> str:
 
 def use_lean_layers(model) -> int:
     """Route the decoder layers whose projections all carry LoRA (after lora_linear.use_lean_lora) through
-    layer_forward; returns how many."""
+    layer_forward; returns how many run lean, those routed by an earlier call on the same base model included
+    (a second adapter on it in one process: the planner must count them)."""
     count = 0
     for layer in checkpointing.decoder_layers(model):
-        if not supported(layer) or hasattr(layer, "_tunesmith_plain_layer"):
+        if not supported(layer):
             continue
         mods = [m for group in _inputs(layer) for m, _ in group]
         if not all(is_lora_linear(m) and hasattr(m, "_tunesmith_seed") for m in mods):
             continue
-        layer._tunesmith_plain_layer = layer.forward
-        layer.forward = functools.partial(layer_forward, layer)
+        if not hasattr(layer, "_tunesmith_plain_layer"):
+            layer._tunesmith_plain_layer = layer.forward
+            layer.forward = functools.partial(layer_forward, layer)
         count += 1
     return count
