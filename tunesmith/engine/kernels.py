@@ -153,9 +153,8 @@ def _lora_kernels():
 
 
 def _launches(t: torch.Tensor):
-    """(its elements of t's flat view, N, grid, BLOCK, index) of each launch over t as [rows, N] (N its last
-    dimension): whole rows, at most CHUNK elements a launch (one row where N is larger), so that Philox indices stay
-    within int32; the index is added to the seed's offset, so each launch draws its own masks."""
+    """(rows, columns, grid, index) of each launch over t as [rows, N] (N its last dimension): whole rows, fewer
+    than CHUNK elements a launch, so that Philox indices stay within int32; each launch gets its own seed."""
     N = t.shape[-1] if t.dim() else 1
     rows = t.numel() // N if N else 0
     per_launch = max(1, CHUNK // N) if N else 1
