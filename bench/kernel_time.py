@@ -4,8 +4,8 @@
     python bench/kernel_time.py trace_tsgraph_fit.json.gz [--grid]
 
 Prints the kernels' total busy time, the span from the first kernel's start to the last one's end (their
-difference is time the GPU sat idle), and per kind the time, the number of kernels and the largest names (with --grid, name and launch grid: which shape of a
-Triton kernel takes the time).
+difference is time the GPU sat idle), and per kind the time, the number of kernels and the largest names
+(with --grid, name and launch grid: which shape of a Triton kernel takes the time).
 """
 
 import collections
